@@ -1,0 +1,3 @@
+from latentem.cli import main
+
+raise SystemExit(main())

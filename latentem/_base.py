@@ -1,0 +1,361 @@
+"""The model protocol, results, statuses and input checks shared by every module.
+
+A latent variable model is a :class:`LatentModel`: a NamedTuple of pure functions.
+Everything static (number of components, covariance type, options) lives in the
+closure of the factory that built it; only arrays travel in the parameter pytree.
+Each field is typed by a Protocol below that says exactly what it receives and
+returns.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Shapes are documented in docstrings and names; these aliases say what travels.
+Array = jax.Array
+PRNGKey = jax.Array
+Params = Any  # a pytree of arrays, e.g. GaussianMixtureParams
+Posterior = Any  # a pytree of per-sample arrays, each with leading axis n_samples
+
+
+# ---------------------------------------------------------------------------
+# The functions a model is made of
+# ---------------------------------------------------------------------------
+
+
+class InitFn(Protocol):
+    """Initial parameters from data.
+
+    ``init(key, x, weights) -> params``. ``x`` is the data, shape
+    ``(n_samples, ...)``; ``weights`` the non-negative sample weights, shape
+    ``(n_samples,)`` (all ones when the user gave none). A sample with zero weight must
+    not influence the result, as if it had been removed. Randomness comes only from
+    ``key``. Must be traceable: no Python control flow on array values.
+    """
+
+    def __call__(self, key: PRNGKey, x: Array, weights: Array) -> Params: ...
+
+
+class LogJointFn(Protocol):
+    r"""Log joint density of each sample with each latent state.
+
+    ``log_joint(params, x) -> (n_samples, n_states)`` with entry ``[n, k]`` equal to
+    :math:`\log p(x_n, z_n = k \mid \theta)`. The engine derives everything else from
+    it: responsibilities are its softmax over states, the per-sample log-likelihood its
+    logsumexp, hard assignments its argmax. Entries may be ``-inf`` (a state switched
+    off with weight zero) but not NaN.
+    """
+
+    def __call__(self, params: Params, x: Array) -> Array: ...
+
+
+class MStepFn(Protocol):
+    r"""The closed-form M-step.
+
+    ``m_step(x, posterior, params) -> params`` returns the maximiser over
+    :math:`\theta` of the expected complete-data log-likelihood
+
+    .. math:: Q(\theta) = \sum_n w_n \, \mathbb{E}_{q(z_n)}[\log p(x_n, z_n \mid \theta)]
+              \; (+ \log p(\theta) \text{ if the model has a prior}).
+
+    **How sample weights arrive.** The engine multiplies every leaf of the posterior by
+    the sample weights before calling ``m_step``; the model never sees the weights
+    separately. For a finite-state model ``posterior`` is the ``(n_samples, n_states)``
+    array of weighted responsibilities :math:`w_n r_{nk}`, whose row sums are the sample
+    weights :math:`w_n`. So an M-step that forms its statistics as plain sums over the
+    sample axis of posterior-weighted terms honours the weights automatically, and the
+    only way to ignore them is to ignore the posterior (which ``check_model`` detects).
+    ``params`` are the current parameters: use them for components that received no
+    posterior mass, and for models whose M-step needs them.
+    """
+
+    def __call__(self, x: Array, posterior: Posterior, params: Params) -> Params: ...
+
+
+class PosteriorFn(Protocol):
+    r"""The E-step for models whose latent variable is not one of finitely many states.
+
+    ``posterior(params, x) -> (posterior, log_likelihood)``: ``posterior`` is a pytree
+    of per-sample expectations, each leaf with leading axis ``n_samples`` (for example
+    :math:`\mathbb{E}[z_n]` and :math:`\mathbb{E}[z_n z_n^\top]` for probabilistic PCA);
+    ``log_likelihood`` is :math:`\log p(x_n \mid \theta)`, shape ``(n_samples,)``.
+    The engine scales every leaf by the sample weights along the first axis before the
+    M-step, so each leaf must be an expectation that the M-step sums over samples;
+    include a leaf of ones if the M-step needs the weights themselves.
+    """
+
+    def __call__(self, params: Params, x: Array) -> tuple[Posterior, Array]: ...
+
+
+class SampleFn(Protocol):
+    """The generative direction.
+
+    ``sample(key, params, n_samples) -> (x, z)``: ``n_samples`` independent draws of
+    the data ``x`` and of the latent variable ``z`` that generated each, in random
+    order. ``n_samples`` is a Python int.
+    """
+
+    def __call__(self, key: PRNGKey, params: Params, n_samples: int) -> tuple[Array, Array]: ...
+
+
+class NParametersFn(Protocol):
+    """Number of free parameters, for BIC and AIC.
+
+    ``n_parameters(params) -> int``, computed from the (static) shapes of one
+    unbatched parameter pytree; for a mixture of ``k`` components the weights count
+    ``k - 1`` because they sum to one.
+    """
+
+    def __call__(self, params: Params) -> int: ...
+
+
+class LogPriorFn(Protocol):
+    r"""Log prior density :math:`\log p(\theta)` up to a constant, a scalar.
+
+    With a prior, EM maximises the posterior: the M-step must maximise
+    :math:`Q(\theta) + \log p(\theta)`, and the objective the engine reports is
+    :math:`(\sum_n w_n \log p(x_n \mid \theta) + \log p(\theta)) / \sum_n w_n`.
+    """
+
+    def __call__(self, params: Params) -> Array: ...
+
+
+class ToUnconstrainedFn(Protocol):
+    """Map parameters to a pytree of unconstrained real arrays (for gradient fitting)."""
+
+    def __call__(self, params: Params) -> Any: ...
+
+
+class FromUnconstrainedFn(Protocol):
+    """Inverse of ``to_unconstrained``: any real point maps to valid parameters."""
+
+    def __call__(self, unconstrained: Any) -> Params: ...
+
+
+class LatentModel(NamedTuple):
+    """A latent variable model as a tuple of pure functions.
+
+    Build one with a factory such as :func:`latentem.gaussian_mixture`, or write the
+    functions yourself. A model is static configuration: build it once and reuse it
+    (factories are memoised, so the same arguments return the same model and compiled
+    programs are reused); never pass it as a traced argument.
+
+    Attributes:
+      init: :class:`InitFn`, initial parameters from data.
+      log_joint: :class:`LogJointFn`, ``log p(x_n, z_n = k)``; ``None`` for models that
+        supply ``posterior`` instead.
+      m_step: :class:`MStepFn`, the closed-form M-step (receives weighted posteriors).
+      sample: :class:`SampleFn`, draws ``(x, z)``; optional.
+      n_parameters: :class:`NParametersFn`, free-parameter count for BIC/AIC; optional.
+      posterior: :class:`PosteriorFn`, replaces the enumerated E-step for continuous or
+        structured latent variables; optional.
+      log_prior: :class:`LogPriorFn`, turns EM into MAP-EM; optional.
+      to_unconstrained: :class:`ToUnconstrainedFn`, for ``fit_gradient``; optional.
+      from_unconstrained: :class:`FromUnconstrainedFn`, for ``fit_gradient``; optional.
+
+    Example:
+      A mixture of Poisson distributions (count data, one rate per component and
+      feature) in a few lines::
+
+        >>> from typing import NamedTuple
+        >>> import jax, jax.numpy as jnp
+        >>> from jax.scipy.special import gammaln
+        >>> class PoissonParams(NamedTuple):
+        ...     weights: jax.Array  # (k,)
+        ...     rates: jax.Array  # (k, d)
+        >>> def log_joint(params, x):
+        ...     log_p = x @ jnp.log(params.rates).T - params.rates.sum(1)[None, :]
+        ...     return log_p - gammaln(x + 1).sum(1)[:, None] + jnp.log(params.weights)[None]
+        >>> params = PoissonParams(jnp.array([0.5, 0.5]), jnp.array([[1.0], [5.0]]))
+        >>> log_joint(params, jnp.array([[0.0], [4.0]])).shape
+        (2, 2)
+
+      See the README for the full example with ``init`` and ``m_step``.
+    """
+
+    init: InitFn
+    log_joint: LogJointFn | None
+    m_step: MStepFn
+    sample: SampleFn | None = None
+    n_parameters: NParametersFn | None = None
+    posterior: PosteriorFn | None = None
+    log_prior: LogPriorFn | None = None
+    to_unconstrained: ToUnconstrainedFn | None = None
+    from_unconstrained: FromUnconstrainedFn | None = None
+
+
+# ---------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------
+
+
+class Status(enum.IntEnum):
+    """Why a fit stopped. Stored as an int32 array in results, so it survives ``vmap``.
+
+    Attributes:
+      CONVERGED: the objective changed by less than ``tol`` in the last iteration.
+      MAX_ITER: ``max_iter`` iterations ran without meeting ``tol``.
+      NONFINITE: the objective or the parameters became NaN or infinite (NaN or inf in
+        the data, a singular covariance with ``reg_covar=0``, a broken M-step). The loop
+        stopped and the last parameters with a finite objective were returned; such a
+        fit never reads as converged.
+      EMPTY_COMPONENT: the fit ended with at least one latent state holding
+        (numerically) no posterior mass: more components than the data supports, or
+        duplicated data. Parameters are finite; ``converged`` still says whether the
+        tolerance was met.
+    """
+
+    CONVERGED = 0
+    MAX_ITER = 1
+    NONFINITE = 2
+    EMPTY_COMPONENT = 3
+
+
+class EMResult(NamedTuple):
+    """What :func:`fit_em` and :func:`fit` return (a pytree; batched under ``vmap``).
+
+    Attributes:
+      params: the fitted parameters (the last ones with a finite objective).
+      log_likelihood: the objective at ``params``: the mean log-likelihood per unit of
+        sample weight, as scikit-learn's ``score``; for a model with ``log_prior``,
+        plus ``log_prior(params) / sum(weights)``.
+      n_iter: the number of EM iterations run (M-steps attempted).
+      converged: whether the change in the objective fell below ``tol``.
+      status: a :class:`Status` value, int32.
+      history: shape ``(max_iter,)``; entry ``i`` is the objective after iteration
+        ``i + 1``; NaN past ``n_iter``.
+    """
+
+    params: Params
+    log_likelihood: Array
+    n_iter: Array
+    converged: Array
+    status: Array
+    history: Array
+
+
+# ---------------------------------------------------------------------------
+# Input checks. Shape checks are static and run under jit; value checks run only on
+# concrete (eager) arrays, since traced values cannot be inspected.
+# ---------------------------------------------------------------------------
+
+
+def is_concrete(*arrays: Any) -> bool:
+    """True when no argument is a tracer, so values can be checked on the host."""
+    leaves = jax.tree_util.tree_leaves(arrays)
+    return not any(isinstance(leaf, jax.core.Tracer) for leaf in leaves)
+
+
+def float_dtype(x: Array) -> np.dtype:
+    """The floating dtype that computations on ``x`` use: its own if floating."""
+    dtype = jnp.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype
+    if jnp.issubdtype(dtype, jnp.floating):
+        return np.dtype(dtype)
+    return np.dtype(jax.dtypes.canonicalize_dtype(jnp.float64))
+
+
+def check_x(x: Any, *, name: str = "x") -> Array:
+    """Return ``x`` as a 2-D JAX array, or raise a ``ValueError`` that says what to do."""
+    if not isinstance(x, (jax.Array, np.ndarray)):
+        try:
+            x = np.asarray(x)
+        except Exception as error:
+            raise ValueError(f"{name} must be an array of numbers; got {type(x).__name__}.") from error
+    if x.dtype == object or not (jnp.issubdtype(x.dtype, jnp.number) or jnp.issubdtype(x.dtype, jnp.bool_)):
+        raise ValueError(f"{name} must hold numbers; got dtype {x.dtype}.")
+    if x.ndim == 1:
+        raise ValueError(
+            f"{name} must be 2-D with shape (n_samples, n_features); got shape {x.shape}. "
+            f"For a single feature use {name}.reshape(-1, 1); for a single sample "
+            f"{name}.reshape(1, -1)."
+        )
+    if x.ndim != 2:
+        raise ValueError(
+            f"{name} must be 2-D with shape (n_samples, n_features); got shape {x.shape}. "
+            "To fit a batch of datasets use fit_batch (or jax.vmap over fit)."
+        )
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} must have at least one sample and one feature; got shape {x.shape}.")
+    x = jnp.asarray(x)
+    # One scalar crosses to the host in the common case; the rows only on failure.
+    if is_concrete(x) and jnp.issubdtype(x.dtype, jnp.inexact) and not bool(jnp.isfinite(x).all()):
+        finite = np.asarray(jnp.isfinite(x).all(axis=1))
+        rows = np.flatnonzero(~finite)
+        shown = ", ".join(str(r) for r in rows[:10]) + (", ..." if rows.size > 10 else "")
+        raise ValueError(
+            f"{name} has NaN or infinite values in {rows.size} row(s): {shown}. Remove or impute those rows."
+        )
+    return x
+
+
+def check_weights(weights: Any, n_samples: int, dtype: Any) -> Array:
+    """Return sample weights as an array of shape ``(n_samples,)``; ones when ``None``."""
+    if weights is None:
+        return jnp.ones((n_samples,), dtype)
+    weights = jnp.asarray(weights)
+    if weights.ndim != 1 or weights.shape[0] != n_samples:
+        raise ValueError(
+            f"weights must have shape (n_samples,) = ({n_samples},), one per row of x; "
+            f"got shape {weights.shape}."
+        )
+    weights = weights.astype(dtype)
+    if is_concrete(weights):
+        values = np.asarray(weights)
+        if not np.isfinite(values).all():
+            raise ValueError("weights must be finite; some are NaN or infinite.")
+        if (values < 0).any():
+            rows = np.flatnonzero(values < 0)[:10].tolist()
+            raise ValueError(f"weights must be non-negative; negative at rows {rows}.")
+        if not values.sum() > 0:
+            raise ValueError("weights are all zero; at least one sample needs positive weight.")
+    return weights
+
+
+def check_positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
+    """Return ``value`` as an int ``>= minimum`` or raise a ``ValueError`` naming it."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value}.")
+    return int(value)
+
+
+def check_nonnegative(value: Any, name: str) -> Any:
+    """Raise a ``ValueError`` naming ``name`` if a concrete ``value`` is negative or NaN."""
+    if is_concrete(value):
+        scalar = float(np.asarray(value))
+        if not scalar >= 0:
+            raise ValueError(f"{name} must be non-negative; got {scalar}.")
+    return value
+
+
+def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    """Raise a ``ValueError`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        options = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name} must be one of {options}; got {value!r}.")
+    return value
+
+
+def tree_all_finite(tree: Any) -> Array:
+    """A traced boolean: every floating leaf of ``tree`` is finite."""
+    leaves = [
+        jnp.all(jnp.isfinite(leaf))
+        for leaf in jax.tree_util.tree_leaves(tree)
+        if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def tree_select(pred: Array, on_true: Any, on_false: Any) -> Any:
+    """Leafwise ``where(pred, on_true, on_false)`` for a scalar predicate."""
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+Callback = Callable[[Array, Array], None]

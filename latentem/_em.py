@@ -1,0 +1,563 @@
+"""The EM engine: E-step, one EM step, the compiled EM loop, restarts, and the generic
+functions (predict, predict_proba, score_samples, score, bic, aic) derived from a
+model's ``log_joint``.
+
+Everything here is a pure function of ``(model, params, x, weights)``. The lower layer
+(:func:`e_step`, :func:`em_step`, :func:`fit_em`) leaves compilation to the caller;
+:func:`fit` compiles itself and reuses the compiled program for the same model and
+shapes.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.special import logsumexp
+
+from latentem._base import (
+    Array,
+    Callback,
+    EMResult,
+    LatentModel,
+    Params,
+    Posterior,
+    PRNGKey,
+    Status,
+    check_nonnegative,
+    check_positive_int,
+    check_weights,
+    check_x,
+    float_dtype,
+    is_concrete,
+    tree_all_finite,
+    tree_select,
+)
+
+# Internal status of a member still iterating; never returned.
+_RUNNING = -1
+
+
+class ConvergenceWarning(UserWarning):
+    """An eager fit ended without a clean convergence (see :class:`Status`)."""
+
+
+# ---------------------------------------------------------------------------
+# E-step and objective
+# ---------------------------------------------------------------------------
+
+
+def e_step(model: LatentModel, params: Params, x: Array) -> tuple[Posterior, Array]:
+    r"""The E-step: the posterior over latent variables and the per-sample log-likelihood.
+
+    For a finite-state model (one with ``log_joint``) the posterior is the matrix of
+    responsibilities
+
+    .. math:: r_{nk} = p(z_n = k \mid x_n) = \exp\big(\log p(x_n, z_n = k)
+              - \log \textstyle\sum_j p(x_n, z_n = j)\big),
+
+    and the log-likelihood :math:`\log p(x_n) = \operatorname{logsumexp}_k
+    \log p(x_n, z_n = k)`. A model with a custom ``posterior`` function supplies both.
+    Sample weights play no part in the E-step.
+
+    Args:
+      model: the :class:`LatentModel`.
+      params: the current parameters.
+      x: data, shape ``(n_samples, n_features)``.
+
+    Returns:
+      ``(posterior, log_likelihood)``: the posterior (``(n_samples, n_states)``
+      responsibilities for finite-state models) and ``log p(x_n)``, shape
+      ``(n_samples,)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, latentem as lem
+      >>> model = lem.gaussian_mixture(2)
+      >>> x = jnp.array([[0.0], [0.1], [5.0], [5.2]])
+      >>> params = model.init(jax.random.key(0), x, jnp.ones(4))
+      >>> responsibilities, log_likelihood = lem.e_step(model, params, x)
+      >>> responsibilities.shape, log_likelihood.shape
+      ((4, 2), (4,))
+    """
+    if model.posterior is not None:
+        return model.posterior(params, x)
+    if model.log_joint is None:
+        raise ValueError("The model has neither log_joint nor posterior; give it one of them.")
+    log_joint = model.log_joint(params, x)
+    log_likelihood = logsumexp(log_joint, axis=1)
+    responsibilities = jnp.exp(log_joint - log_likelihood[:, None])
+    return responsibilities, log_likelihood
+
+
+def _weighted_posterior(posterior: Posterior, weights: Array) -> Posterior:
+    """Scale each posterior leaf by the sample weights along its first axis.
+
+    Rows of weight zero become exactly zero even where the posterior is NaN (a sample
+    with ``log p(x_n) = -inf``), so that a zero weight is the same as removal.
+    """
+
+    def scale(leaf: Array) -> Array:
+        w = weights.astype(leaf.dtype).reshape(weights.shape + (1,) * (leaf.ndim - 1))
+        return jnp.where(w > 0, leaf * w, jnp.zeros_like(leaf))
+
+    return jax.tree_util.tree_map(scale, posterior)
+
+
+def _mean_log_likelihood(log_likelihood: Array, weights: Array, total_weight: Array) -> Array:
+    """Sum of ``w_n log p(x_n)`` over samples of positive weight, per unit of weight."""
+    weights = weights.astype(log_likelihood.dtype)
+    # where, not a product: a zero-weight sample with log p = -inf must not give NaN.
+    contributions = jnp.where(weights > 0, weights * log_likelihood, jnp.zeros_like(log_likelihood))
+    return contributions.sum() / total_weight.astype(log_likelihood.dtype)
+
+
+def _objective(
+    model: LatentModel, params: Params, log_likelihood: Array, weights: Array, total_weight: Array
+) -> Array:
+    """The EM objective: mean log-likelihood, plus ``log_prior / total_weight``."""
+    objective = _mean_log_likelihood(log_likelihood, weights, total_weight)
+    if model.log_prior is not None:
+        objective = objective + model.log_prior(params) / total_weight.astype(objective.dtype)
+    return objective
+
+
+def _prepare(x: Any, weights: Any) -> tuple[Array, Array]:
+    x = check_x(x)
+    return x, check_weights(weights, x.shape[0], float_dtype(x))
+
+
+def em_step(
+    model: LatentModel, params: Params, x: Array, weights: Array | None = None
+) -> tuple[Params, Array]:
+    r"""One EM iteration: an E-step at ``params`` followed by the M-step.
+
+    .. math:: \theta' = \arg\max_\theta \sum_n w_n\,
+              \mathbb{E}_{p(z_n \mid x_n, \theta_{\text{old}})}[\log p(x_n, z_n \mid \theta)]
+
+    Args:
+      model: the :class:`LatentModel`.
+      params: the current parameters :math:`\theta_{\text{old}}`.
+      x: data, shape ``(n_samples, n_features)``.
+      weights: optional non-negative sample weights, shape ``(n_samples,)``.
+
+    Returns:
+      ``(new_params, objective)`` where ``objective`` is the mean log-likelihood per
+      unit of weight (plus the scaled log prior) at the *old* params; EM guarantees the
+      objective at ``new_params`` is at least as large.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, latentem as lem
+      >>> model = lem.gaussian_mixture(2)
+      >>> x = jnp.array([[0.0], [0.1], [5.0], [5.2]])
+      >>> params = model.init(jax.random.key(0), x, jnp.ones(4))
+      >>> new_params, objective = lem.em_step(model, params, x)
+      >>> new_params.means.shape
+      (2, 1)
+    """
+    x, weights = _prepare(x, weights)
+    posterior, log_likelihood = e_step(model, params, x)
+    objective = _objective(model, params, log_likelihood, weights, weights.sum())
+    new_params = model.m_step(x, _weighted_posterior(posterior, weights), params)
+    return new_params, objective
+
+
+# ---------------------------------------------------------------------------
+# The EM loop
+# ---------------------------------------------------------------------------
+
+
+class _EMState(NamedTuple):
+    params: Params
+    posterior: Posterior  # unweighted, at `params`
+    objective: Array  # at `params`
+    n_iter: Array
+    status: Array
+    history: Array
+
+
+def fit_em(
+    model: LatentModel,
+    params: Params,
+    x: Array,
+    *,
+    weights: Array | None = None,
+    max_iter: int = 100,
+    tol: float | Array = 1e-3,
+    callback: Callback | None = None,
+) -> EMResult:
+    r"""Run EM from ``params`` until the objective stops changing, in ``lax.while_loop``.
+
+    Each iteration applies the M-step to the weighted posterior and then evaluates the
+    posterior and the objective at the new parameters,
+
+    .. math:: \mathcal{L}(\theta) = \frac{\sum_n w_n \log p(x_n \mid \theta)
+              \; [+ \log p(\theta)]}{\sum_n w_n},
+
+    which EM never decreases. The loop stops when
+    :math:`|\mathcal{L}(\theta_t) - \mathcal{L}(\theta_{t-1})| < \text{tol}`
+    (``Status.CONVERGED``), after ``max_iter`` iterations (``Status.MAX_ITER``), or as
+    soon as the objective or the parameters are not finite (``Status.NONFINITE``; the
+    last parameters with a finite objective are returned). A finite-state fit whose
+    final posterior leaves a state with no mass reports ``Status.EMPTY_COMPONENT``.
+
+    Pure and traceable: wrap it in ``jax.jit`` (with ``model`` and ``max_iter`` static)
+    and ``jax.vmap`` over data, weights or params. Under ``vmap`` the loop runs until
+    the slowest member stops; finished members are frozen.
+
+    Args:
+      model: the :class:`LatentModel`.
+      params: initial parameters, e.g. from ``model.init``.
+      x: data, shape ``(n_samples, n_features)``.
+      weights: optional non-negative sample weights, shape ``(n_samples,)``. Zero
+        weight is the same as removing the sample; integer weight, as repeating it.
+      max_iter: maximum number of iterations (a Python int; ``0`` returns ``params``).
+      tol: convergence threshold on the change of the mean objective. ``0`` runs
+        exactly ``max_iter`` iterations.
+      callback: optional ``callback(iteration, objective)`` called on the host after
+        every iteration through ``jax.debug.callback`` (progress display). ``None``
+        adds nothing to the compiled program.
+
+    Returns:
+      An :class:`EMResult`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, latentem as lem
+      >>> x = jnp.concatenate([jax.random.normal(jax.random.key(1), (100, 2)),
+      ...                      jax.random.normal(jax.random.key(2), (100, 2)) + 6.0])
+      >>> model = lem.gaussian_mixture(2)
+      >>> params = model.init(jax.random.key(0), x, jnp.ones(200))
+      >>> result = jax.jit(lem.fit_em, static_argnums=0)(model, params, x)
+      >>> bool(result.converged), result.params.weights.round(1).sort().tolist()
+      (True, [0.5, 0.5])
+
+    References:
+      Dempster, Laird & Rubin (1977), Maximum likelihood from incomplete data via the
+      EM algorithm. JRSS B 39(1).
+    """
+    x, weights = _prepare(x, weights)
+    max_iter = check_positive_int(max_iter, "max_iter", minimum=0)
+    check_nonnegative(tol, "tol")
+    total_weight = weights.sum()
+
+    posterior, log_likelihood = e_step(model, params, x)
+    objective = _objective(model, params, log_likelihood, weights, total_weight)
+    tol = jnp.asarray(tol, objective.dtype)
+    start_finite = jnp.isfinite(objective) & tree_all_finite(params)
+    state = _EMState(
+        params=params,
+        posterior=posterior,
+        objective=objective,
+        n_iter=jnp.zeros((), jnp.int32),
+        status=jnp.where(start_finite, _RUNNING, Status.NONFINITE).astype(jnp.int32),
+        history=jnp.full((max_iter,), jnp.nan, objective.dtype),
+    )
+
+    def keep_going(state: _EMState) -> Array:
+        return (state.status == _RUNNING) & (state.n_iter < max_iter)
+
+    def iteration(state: _EMState) -> _EMState:
+        new_params = model.m_step(x, _weighted_posterior(state.posterior, weights), state.params)
+        new_posterior, new_log_likelihood = e_step(model, new_params, x)
+        new_objective = _objective(model, new_params, new_log_likelihood, weights, total_weight)
+        finite = jnp.isfinite(new_objective) & tree_all_finite(new_params)
+        converged = finite & (jnp.abs(new_objective - state.objective) < tol)
+        status = jnp.where(finite, jnp.where(converged, Status.CONVERGED, _RUNNING), Status.NONFINITE)
+        if callback is not None:
+            jax.debug.callback(callback, state.n_iter + 1, new_objective)
+        return _EMState(
+            params=tree_select(finite, new_params, state.params),
+            posterior=tree_select(finite, new_posterior, state.posterior),
+            objective=jnp.where(finite, new_objective, state.objective),
+            n_iter=state.n_iter + 1,
+            status=status.astype(jnp.int32),
+            history=state.history.at[state.n_iter].set(new_objective),
+        )
+
+    state = jax.lax.while_loop(keep_going, iteration, state)
+    status = jnp.where(state.status == _RUNNING, Status.MAX_ITER, state.status)
+    if model.posterior is None:
+        status = jnp.where(
+            (status != Status.NONFINITE) & _has_empty_state(state.posterior, weights, total_weight),
+            Status.EMPTY_COMPONENT,
+            status,
+        )
+    converged = (state.status == Status.CONVERGED) & (status != Status.NONFINITE)
+    return EMResult(
+        params=state.params,
+        log_likelihood=state.objective,
+        n_iter=state.n_iter,
+        converged=converged,
+        status=status.astype(jnp.int32),
+        history=state.history,
+    )
+
+
+def _has_empty_state(responsibilities: Array, weights: Array, total_weight: Array) -> Array:
+    """A state is empty when its posterior mass is below round-off of the total weight."""
+    mass = _weighted_posterior(responsibilities, weights).sum(axis=0)
+    eps = jnp.finfo(mass.dtype).eps
+    return jnp.any(mass <= eps * total_weight.astype(mass.dtype))
+
+
+# ---------------------------------------------------------------------------
+# Restarts: the convenience entry point that compiles itself
+# ---------------------------------------------------------------------------
+
+
+def fit(
+    model: LatentModel,
+    key: PRNGKey,
+    x: Array,
+    *,
+    weights: Array | None = None,
+    n_init: int = 1,
+    max_iter: int = 100,
+    tol: float | Array = 1e-3,
+    callback: Callback | None = None,
+) -> EMResult:
+    r"""Fit a model by EM from ``n_init`` initialisations and keep the best.
+
+    The restarts run as one ``vmap`` over keys split from ``key``: each calls
+    ``model.init`` and then :func:`fit_em`; the restart with the highest final
+    objective wins (a non-finite restart never wins). The whole fit is one compiled
+    program, cached per model, shapes, ``n_init`` and ``max_iter``, so calling ``fit``
+    again with the same model reuses it. ``fit`` is itself traceable, so
+    ``jax.vmap(functools.partial(lem.fit, model))`` fits a batch of datasets.
+
+    Called eagerly, ``fit`` checks its inputs (``ValueError`` for NaN rows, bad shapes,
+    negative weights, fewer weighted samples than components) and warns with a
+    :class:`ConvergenceWarning` when the chosen fit did not converge cleanly.
+
+    Args:
+      model: the :class:`LatentModel`, e.g. ``gaussian_mixture(3)``.
+      key: a PRNG key (``jax.random.key(seed)``); same key, same result.
+      x: data, shape ``(n_samples, n_features)``.
+      weights: optional non-negative sample weights, shape ``(n_samples,)``.
+      n_init: number of restarts.
+      max_iter: maximum EM iterations per restart.
+      tol: convergence threshold on the change of the mean objective.
+      callback: optional progress ``callback(iteration, objective)``, see
+        :func:`fit_em`.
+
+    Returns:
+      The :class:`EMResult` of the best restart.
+
+    Example:
+      >>> import jax, latentem as lem
+      >>> x = lem.datasets.load_faithful()
+      >>> result = lem.fit(lem.gaussian_mixture(2), jax.random.key(0), x, n_init=3)
+      >>> int(result.status) == lem.Status.CONVERGED, round(float(result.log_likelihood), 2)
+      (True, -4.58)
+    """
+    x, weights = _prepare(x, weights)
+    n_init = check_positive_int(n_init, "n_init")
+    max_iter = check_positive_int(max_iter, "max_iter", minimum=0)
+    check_nonnegative(tol, "tol")
+    if is_concrete(x, weights):
+        check_enough_samples(model, key, x, weights)
+    result = _fit_compiled(model, key, x, weights, tol, n_init=n_init, max_iter=max_iter, callback=callback)
+    if is_concrete(result.status):
+        warn_on_status(result.status, max_iter)
+    return result
+
+
+@functools.partial(jax.jit, static_argnames=("model", "n_init", "max_iter", "callback"))
+def _fit_compiled(
+    model: LatentModel,
+    key: PRNGKey,
+    x: Array,
+    weights: Array,
+    tol: Array,
+    *,
+    n_init: int,
+    max_iter: int,
+    callback: Callback | None,
+) -> EMResult:
+    def one_restart(restart_key: PRNGKey) -> EMResult:
+        params = model.init(restart_key, x, weights)
+        return fit_em(model, params, x, weights=weights, max_iter=max_iter, tol=tol, callback=callback)
+
+    if n_init == 1:
+        return one_restart(jax.random.split(key, 1)[0])
+    results = jax.vmap(one_restart)(jax.random.split(key, n_init))
+    return best_restart(results)
+
+
+def best_restart(results: EMResult) -> EMResult:
+    """The member of a batch of restarts (leading axis) with the highest finite objective."""
+    scores = jnp.where(jnp.isfinite(results.log_likelihood), results.log_likelihood, -jnp.inf)
+    best = jnp.argmax(scores)
+    return jax.tree_util.tree_map(lambda leaf: leaf[best], results)
+
+
+def check_enough_samples(model: LatentModel, key: PRNGKey, x: Array, weights: Array) -> None:
+    """Raise a ``ValueError`` when fewer samples carry weight than the model has states."""
+    if model.log_joint is None:
+        return
+    params_shape = jax.eval_shape(model.init, key, x, weights)
+    n_states = jax.eval_shape(model.log_joint, params_shape, x).shape[-1]
+    n_weighted = int(jnp.sum(weights > 0))
+    if n_weighted < n_states:
+        raise ValueError(
+            f"x has {n_weighted} sample(s) with positive weight but the model has "
+            f"{n_states} components; use n_components <= {n_weighted} or more data."
+        )
+
+
+def warn_on_status(status: Array, max_iter: int) -> None:
+    """Turn bad statuses of an eager fit (any batch shape) into ConvergenceWarnings."""
+    status = np.asarray(status)
+    total = status.size
+    prefix = "" if total == 1 else "{count} of {total} fits: "
+
+    def message(code: Status, text: str) -> None:
+        count = int(np.sum(status == code))
+        if count:
+            warnings.warn(prefix.format(count=count, total=total) + text, ConvergenceWarning, stacklevel=3)
+
+    message(
+        Status.NONFINITE,
+        "the objective or parameters became NaN or infinite (Status.NONFINITE); the last "
+        "finite parameters were returned. Check the data for NaN/inf and keep reg_covar > 0.",
+    )
+    if max_iter > 0:
+        message(
+            Status.MAX_ITER,
+            f"EM did not converge in max_iter={max_iter} iterations (Status.MAX_ITER); "
+            "increase max_iter or tol.",
+        )
+    message(
+        Status.EMPTY_COMPONENT,
+        "a component ended with no samples (Status.EMPTY_COMPONENT); the data support "
+        "fewer components (or contain duplicated points). Reduce n_components.",
+    )
+
+
+# ---------------------------------------------------------------------------
+# Generic functions derived from log_joint
+# ---------------------------------------------------------------------------
+
+
+def _require_log_joint(model: LatentModel, name: str) -> None:
+    if model.log_joint is None:
+        raise ValueError(
+            f"{name} needs a finite-state model (one with log_joint); this model's latent "
+            "variable is continuous. Use score_samples for its log-likelihood."
+        )
+
+
+def predict(model: LatentModel, params: Params, x: Array) -> Array:
+    r"""The most probable latent state of each sample, :math:`\arg\max_k p(z_n = k \mid x_n)`.
+
+    Args:
+      model: a finite-state :class:`LatentModel`.
+      params: fitted parameters.
+      x: data, shape ``(n_samples, n_features)``.
+
+    Returns:
+      int32 labels, shape ``(n_samples,)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, latentem as lem
+      >>> model = lem.gaussian_mixture(2)
+      >>> params = lem.GaussianMixtureParams(jnp.array([0.5, 0.5]), jnp.array([[0.0], [5.0]]),
+      ...                                    jnp.ones((2, 1, 1)))
+      >>> lem.predict(model, params, jnp.array([[0.2], [4.0]])).tolist()
+      [0, 1]
+    """
+    _require_log_joint(model, "predict")
+    return jnp.argmax(model.log_joint(params, check_x(x)), axis=1).astype(jnp.int32)
+
+
+def predict_proba(model: LatentModel, params: Params, x: Array) -> Array:
+    r"""Responsibilities :math:`p(z_n = k \mid x_n)`, shape ``(n_samples, n_states)``.
+
+    Example:
+      >>> import jax.numpy as jnp, latentem as lem
+      >>> model = lem.gaussian_mixture(2)
+      >>> params = lem.GaussianMixtureParams(jnp.array([0.5, 0.5]), jnp.array([[0.0], [5.0]]),
+      ...                                    jnp.ones((2, 1, 1)))
+      >>> lem.predict_proba(model, params, jnp.array([[2.5]])).tolist()
+      [[0.5, 0.5]]
+    """
+    _require_log_joint(model, "predict_proba")
+    return e_step(model, params, check_x(x))[0]
+
+
+def score_samples(model: LatentModel, params: Params, x: Array) -> Array:
+    r"""Per-sample log-likelihood :math:`\log p(x_n \mid \theta)`, shape ``(n_samples,)``.
+
+    Example:
+      >>> import jax.numpy as jnp, latentem as lem
+      >>> params = lem.GaussianMixtureParams(jnp.array([1.0]), jnp.array([[0.0]]),
+      ...                                    jnp.ones((1, 1, 1)))
+      >>> lem.score_samples(lem.gaussian_mixture(1), params, jnp.array([[0.0]])).round(4).tolist()
+      [-0.9189]
+    """
+    return e_step(model, params, check_x(x))[1]
+
+
+def score(model: LatentModel, params: Params, x: Array, weights: Array | None = None) -> Array:
+    r"""Mean log-likelihood per unit of weight, :math:`\sum_n w_n \log p(x_n) / \sum_n w_n`.
+
+    The same number as scikit-learn's ``score``; it excludes any log prior, so it is
+    the held-out criterion for comparing models.
+
+    Example:
+      >>> import jax.numpy as jnp, latentem as lem
+      >>> params = lem.GaussianMixtureParams(jnp.array([1.0]), jnp.array([[0.0]]),
+      ...                                    jnp.ones((1, 1, 1)))
+      >>> float(lem.score(lem.gaussian_mixture(1), params, jnp.zeros((3, 1)))).__round__(4)
+      -0.9189
+    """
+    x, weights = _prepare(x, weights)
+    return _mean_log_likelihood(e_step(model, params, x)[1], weights, weights.sum())
+
+
+def _information_penalty(model: LatentModel, params: Params) -> int:
+    if model.n_parameters is None:
+        raise ValueError("bic and aic need the model's n_parameters function; add one to the model.")
+    return model.n_parameters(params)
+
+
+def bic(model: LatentModel, params: Params, x: Array, weights: Array | None = None) -> Array:
+    r"""Bayesian information criterion, lower is better.
+
+    .. math:: \mathrm{BIC} = -2 \sum_n w_n \log p(x_n \mid \theta) + p \log \sum_n w_n
+
+    with :math:`p` the number of free parameters (``model.n_parameters``). With unit
+    weights this is scikit-learn's ``GaussianMixture.bic``.
+
+    Example:
+      >>> import jax.numpy as jnp, latentem as lem
+      >>> params = lem.GaussianMixtureParams(jnp.array([1.0]), jnp.array([[0.0]]),
+      ...                                    jnp.ones((1, 1, 1)))
+      >>> float(lem.bic(lem.gaussian_mixture(1), params, jnp.zeros((4, 1)))).__round__(3)
+      10.125
+    """
+    x, weights = _prepare(x, weights)
+    total = weights.sum()
+    penalty = _information_penalty(model, params)
+    return -2.0 * score(model, params, x, weights) * total + penalty * jnp.log(total)
+
+
+def aic(model: LatentModel, params: Params, x: Array, weights: Array | None = None) -> Array:
+    r"""Akaike information criterion, lower is better.
+
+    .. math:: \mathrm{AIC} = -2 \sum_n w_n \log p(x_n \mid \theta) + 2p
+
+    Example:
+      >>> import jax.numpy as jnp, latentem as lem
+      >>> params = lem.GaussianMixtureParams(jnp.array([1.0]), jnp.array([[0.0]]),
+      ...                                    jnp.ones((1, 1, 1)))
+      >>> float(lem.aic(lem.gaussian_mixture(1), params, jnp.zeros((4, 1)))).__round__(3)
+      11.351
+    """
+    x, weights = _prepare(x, weights)
+    total = weights.sum()
+    penalty = _information_penalty(model, params)
+    return -2.0 * score(model, params, x, weights) * total + 2.0 * penalty

@@ -1,0 +1,67 @@
+"""Seeding of cluster centres from data (k-means++ and uniform), written in JAX."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from latentem._base import Array, PRNGKey
+
+
+def squared_distances(x: Array, centres: Array) -> Array:
+    """``||x_n - c_k||^2``, shape ``(n_samples, n_centres)``, from explicit differences.
+
+    Differences rather than the expansion ``|x|^2 - 2 x.c + |c|^2``, which cancels
+    catastrophically on data far from the origin (float32 with an offset of 1e4).
+    """
+    return jnp.sum(jnp.square(x[:, None, :] - centres[None, :, :]), axis=2)
+
+
+def _log_probabilities(mass: Array) -> Array:
+    """Log of non-negative sampling masses; zero mass gives ``-inf`` (never drawn)."""
+    return jnp.where(mass > 0, jnp.log(jnp.where(mass > 0, mass, 1)), -jnp.inf)
+
+
+def kmeans_plusplus(key: PRNGKey, x: Array, n_clusters: int, weights: Array) -> Array:
+    r"""Greedy weighted k-means++ seeding: centres drawn from the data, shape ``(k, d)``.
+
+    The first centre is drawn with probability proportional to the sample weight; each
+    next one among ``2 + floor(log k)`` candidates drawn with probability
+    :math:`\propto w_n D(x_n)^2`, :math:`D` the distance to the nearest centre so far,
+    keeping the candidate that lowers the weighted potential most.
+
+    References:
+      Arthur & Vassilvitskii (2007), k-means++: the advantages of careful seeding;
+      the greedy variant as in scikit-learn's ``kmeans_plusplus``.
+    """
+    n_trials = 2 + int(math.log(n_clusters))
+    first_key, key = jax.random.split(key)
+    first = jax.random.categorical(first_key, _log_probabilities(weights))
+    centres = jnp.broadcast_to(x[first], (n_clusters, x.shape[1]))
+    closest = jnp.sum(jnp.square(x - x[first][None, :]), axis=1)
+
+    def add_centre(i: Array, carry: tuple[Array, Array, PRNGKey]) -> tuple[Array, Array, PRNGKey]:
+        centres, closest, key = carry
+        key, draw_key = jax.random.split(key)
+        mass = weights * closest
+        # When every weighted point already sits on a centre (duplicated data), draw by
+        # weight alone: the duplicate centre becomes an empty component, reported later.
+        mass = jnp.where(jnp.any(mass > 0), mass, weights)
+        candidates = jax.random.categorical(draw_key, _log_probabilities(mass), shape=(n_trials,))
+        distances = squared_distances(x, x[candidates]).T  # (n_trials, n_samples)
+        new_closest = jnp.minimum(closest[None, :], distances)
+        best = jnp.argmin(jnp.sum(new_closest * weights[None, :], axis=1))
+        centres = centres.at[i].set(x[candidates[best]])
+        return centres, new_closest[best], key
+
+    centres, _, _ = jax.lax.fori_loop(1, n_clusters, add_centre, (centres, closest, key))
+    return centres
+
+
+def random_from_data(key: PRNGKey, x: Array, n_clusters: int, weights: Array) -> Array:
+    """``n_clusters`` distinct samples drawn with probability proportional to weight."""
+    probabilities = weights / weights.sum()
+    index = jax.random.choice(key, x.shape[0], (n_clusters,), replace=False, p=probabilities)
+    return x[index]

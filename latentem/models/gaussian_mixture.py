@@ -1,0 +1,448 @@
+r"""The Gaussian mixture, latentem's reference model.
+
+.. math:: p(x) = \sum_{k=1}^K \pi_k \, \mathcal{N}(x \mid \mu_k, \Sigma_k)
+
+with four covariance structures, as in scikit-learn: ``"full"`` (one matrix per
+component), ``"tied"`` (one matrix shared by all), ``"diag"`` (one diagonal per
+component) and ``"spherical"`` (one variance per component). Parameter names and shapes
+follow scikit-learn's ``GaussianMixture``, so its attributes map one-to-one.
+
+Numerics (after scikit-learn's ``_gaussian_mixture.py``, with two changes):
+
+- densities go through the Cholesky factor of each precision matrix, in log space;
+- data are shifted by a reference point inside the data before moments are formed, and
+  covariances are computed from differences to the new means (two passes), so that
+  float32 data far from the origin (an offset of 1e4) still fit;
+- the regularisation added to covariance diagonals scales by default with each feature's
+  variance (``reg_covar_mode="relative"``), so a fit is equivariant to the units of the
+  data; ``reg_covar_mode="absolute"`` adds ``reg_covar`` as scikit-learn does.
+
+No array of shape ``(n_samples, n_components, n_features, n_features)`` is ever formed;
+the largest intermediates are ``(n_samples, n_components, n_features)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.linalg import solve_triangular
+
+from latentem._base import (
+    Array,
+    LatentModel,
+    PRNGKey,
+    check_choice,
+    check_nonnegative,
+    check_positive_int,
+    float_dtype,
+)
+from latentem.models._seeding import kmeans_plusplus, random_from_data, squared_distances
+
+COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
+INITS = ("kmeans++", "random_from_data", "random")
+REG_COVAR_MODES = ("relative", "absolute")
+
+
+class GaussianMixtureParams(NamedTuple):
+    """Parameters of a Gaussian mixture, with scikit-learn's names and shapes.
+
+    Attributes:
+      weights: mixing proportions, shape ``(n_components,)``, non-negative, sum to one.
+      means: component means, shape ``(n_components, n_features)``.
+      covariances: ``(n_components, n_features, n_features)`` for ``"full"``,
+        ``(n_features, n_features)`` for ``"tied"``, ``(n_components, n_features)`` for
+        ``"diag"``, ``(n_components,)`` for ``"spherical"``.
+    """
+
+    weights: Array
+    means: Array
+    covariances: Array
+
+
+class GaussianMixtureUnconstrained(NamedTuple):
+    """Unconstrained coordinates of a Gaussian mixture, for gradient-based fitting.
+
+    Attributes:
+      logits: ``log(weights)`` up to a constant; weights are ``softmax(logits)``.
+      means: the means, already unconstrained.
+      scales: for ``"full"`` and ``"tied"``, the lower-triangular Cholesky factor of each
+        covariance packed row by row, with the log of its diagonal, shape
+        ``(..., n_features * (n_features + 1) // 2)``; for ``"diag"`` and
+        ``"spherical"``, log-variances.
+    """
+
+    logits: Array
+    means: Array
+    scales: Array
+
+
+# ---------------------------------------------------------------------------
+# Densities
+# ---------------------------------------------------------------------------
+
+
+def precision_cholesky(covariances: Array, covariance_type: str) -> Array:
+    r"""Cholesky factor :math:`U` of each precision, :math:`\Sigma^{-1} = U U^\top`.
+
+    ``U`` is upper triangular (``"full"``/``"tied"``) or the inverse standard
+    deviations (``"diag"``/``"spherical"``), as scikit-learn's
+    ``_compute_precision_cholesky``. A covariance that is not positive definite gives
+    NaN, which the engine reports as ``Status.NONFINITE``.
+    """
+    if covariance_type in ("full", "tied"):
+        lower = jnp.linalg.cholesky(covariances)
+        identity = jnp.broadcast_to(
+            jnp.eye(covariances.shape[-1], dtype=covariances.dtype), covariances.shape
+        )
+        return jnp.swapaxes(solve_triangular(lower, identity, lower=True), -1, -2)
+    return jax.lax.rsqrt(covariances)
+
+
+def _log_gaussian_density(
+    x: Array, means: Array, covariances: Array, covariance_type: str, reference: Array
+) -> Array:
+    """``log N(x_n | mu_k, Sigma_k)``, shape ``(n_samples, n_components)``.
+
+    ``reference`` is a point subtracted from both data and means first (any point gives
+    the same result in exact arithmetic; one near the data keeps float32 accurate).
+    """
+    n_features = x.shape[1]
+    centred = x - reference[None, :]
+    centred_means = means - reference[None, :]
+    factor = precision_cholesky(covariances, covariance_type)
+    if covariance_type == "full":
+        n_components = means.shape[0]
+        # One (n, d) @ (d, k*d) product instead of k small ones.
+        stacked = jnp.transpose(factor, (1, 0, 2)).reshape(n_features, n_components * n_features)
+        projected = (centred @ stacked).reshape(x.shape[0], n_components, n_features)
+        projected_means = jnp.einsum("kd,kde->ke", centred_means, factor)
+        mahalanobis = jnp.sum(jnp.square(projected - projected_means[None, :, :]), axis=2)
+        log_det = jnp.sum(jnp.log(jnp.diagonal(factor, axis1=1, axis2=2)), axis=1)
+    elif covariance_type == "tied":
+        projected = centred @ factor
+        projected_means = centred_means @ factor
+        mahalanobis = (
+            jnp.sum(jnp.square(projected), axis=1)[:, None]
+            - 2.0 * projected @ projected_means.T
+            + jnp.sum(jnp.square(projected_means), axis=1)[None, :]
+        )
+        log_det = jnp.broadcast_to(jnp.sum(jnp.log(jnp.diagonal(factor))), (means.shape[0],))
+    elif covariance_type == "diag":
+        precisions = jnp.square(factor)
+        mahalanobis = (
+            jnp.square(centred) @ precisions.T
+            - 2.0 * centred @ (centred_means * precisions).T
+            + jnp.sum(jnp.square(centred_means) * precisions, axis=1)[None, :]
+        )
+        log_det = jnp.sum(jnp.log(factor), axis=1)
+    else:  # spherical
+        precisions = jnp.square(factor)
+        mahalanobis = (
+            jnp.sum(jnp.square(centred), axis=1)[:, None] * precisions[None, :]
+            - 2.0 * centred @ (centred_means * precisions[:, None]).T
+            + (jnp.sum(jnp.square(centred_means), axis=1) * precisions)[None, :]
+        )
+        log_det = n_features * jnp.log(factor)
+    return -0.5 * (n_features * math.log(2 * math.pi) + mahalanobis) + log_det[None, :]
+
+
+# ---------------------------------------------------------------------------
+# Moments
+# ---------------------------------------------------------------------------
+
+
+def _first_weighted_row(x: Array, sample_weights: Array) -> Array:
+    """A sample with positive weight: a shift that lies inside the data."""
+    return x[jnp.argmax(sample_weights > 0)]
+
+
+def feature_variances(x: Array, sample_weights: Array) -> Array:
+    """Weighted variance of each feature, shape ``(n_features,)``.
+
+    A constant feature (variance exactly zero) gets the mean variance of the other
+    features instead (or 1 when every feature is constant), so that a regulariser
+    proportional to it stays positive.
+    """
+    centred = x - _first_weighted_row(x, sample_weights)[None, :]
+    total = sample_weights.sum()
+    mean = (sample_weights @ centred) / total
+    variances = (sample_weights @ jnp.square(centred - mean[None, :])) / total
+    positive = variances > 0
+    n_positive = jnp.sum(positive).astype(variances.dtype)
+    fallback = jnp.where(
+        n_positive > 0, jnp.sum(jnp.where(positive, variances, 0)) / jnp.maximum(n_positive, 1), 1
+    )
+    return jnp.where(positive, variances, fallback)
+
+
+def _covariances_from_variances(variances: Array, n_components: int, covariance_type: str) -> Array:
+    """Covariances of the given per-feature variances, in the shape of a covariance type."""
+    if covariance_type == "full":
+        return jnp.broadcast_to(jnp.diag(variances), (n_components, *2 * variances.shape))
+    if covariance_type == "tied":
+        return jnp.diag(variances)
+    if covariance_type == "diag":
+        return jnp.broadcast_to(variances, (n_components, variances.shape[0]))
+    return jnp.broadcast_to(jnp.mean(variances), (n_components,))
+
+
+def _add_to_diagonal(covariances: Array, amount: Array, covariance_type: str) -> Array:
+    """Add ``amount`` (one value per feature) to the diagonal of every covariance."""
+    if covariance_type == "full":
+        return covariances + jnp.diag(amount)[None, :, :]
+    if covariance_type == "tied":
+        return covariances + jnp.diag(amount)
+    if covariance_type == "diag":
+        return covariances + amount[None, :]
+    return covariances + jnp.mean(amount)
+
+
+def _gaussian_m_step(
+    x: Array,
+    responsibilities: Array,
+    params: GaussianMixtureParams,
+    covariance_type: str,
+    reg_covar: float,
+    reg_covar_mode: str,
+) -> GaussianMixtureParams:
+    """Weighted maximum-likelihood parameters from weighted responsibilities."""
+    x = x.astype(responsibilities.dtype)
+    sample_weights = responsibilities.sum(axis=1)
+    total = sample_weights.sum()
+    counts = responsibilities.sum(axis=0)  # (k,)
+    # A component with (numerically) no mass keeps its parameters: the expected
+    # complete-data log-likelihood does not depend on them, so any value maximises it,
+    # and keeping them is finite where scikit-learn's 0/eps would move the mean to 0.
+    empty = counts <= jnp.finfo(counts.dtype).eps * total
+    safe_counts = jnp.where(empty, 1, counts)
+
+    reference = _first_weighted_row(x, sample_weights)
+    centred = x - reference[None, :]
+    centred_means = (responsibilities.T @ centred) / safe_counts[:, None]  # (k, d)
+    # Second pass: differences to the new means, components leading, (k, n, d).
+    differences = centred[None, :, :] - centred_means[:, None, :]
+    weighted_differences = responsibilities.T[:, :, None] * differences
+    if covariance_type == "full":
+        scatter = jnp.einsum("kni,knj->kij", weighted_differences, differences)
+        covariances = scatter / safe_counts[:, None, None]
+        covariances = 0.5 * (covariances + jnp.swapaxes(covariances, 1, 2))
+    elif covariance_type == "tied":
+        n_features = x.shape[1]
+        scatter = weighted_differences.reshape(-1, n_features).T @ differences.reshape(-1, n_features)
+        covariances = 0.5 * (scatter + scatter.T) / total
+    else:
+        covariances = jnp.sum(weighted_differences * differences, axis=1) / safe_counts[:, None]
+        if covariance_type == "spherical":
+            covariances = jnp.mean(covariances, axis=1)
+
+    if reg_covar_mode == "relative":
+        regulariser = reg_covar * feature_variances(x, sample_weights)
+    else:
+        regulariser = jnp.full((x.shape[1],), reg_covar, covariances.dtype)
+    covariances = _add_to_diagonal(covariances, regulariser.astype(covariances.dtype), covariance_type)
+
+    means = jnp.where(empty[:, None], params.means, centred_means + reference[None, :])
+    if covariance_type != "tied":
+        keep = empty.reshape(empty.shape + (1,) * (covariances.ndim - 1))
+        covariances = jnp.where(keep, params.covariances, covariances)
+    return GaussianMixtureParams(weights=counts / total, means=means, covariances=covariances)
+
+
+# ---------------------------------------------------------------------------
+# Unconstrained coordinates
+# ---------------------------------------------------------------------------
+
+
+def _pack_cholesky(covariances: Array) -> Array:
+    """Cholesky factors packed row by row, with the log of their diagonal."""
+    rows, cols = np.tril_indices(covariances.shape[-1])
+    packed = jnp.linalg.cholesky(covariances)[..., rows, cols]
+    on_diagonal = jnp.broadcast_to(rows == cols, packed.shape)
+    return jnp.where(on_diagonal, jnp.log(jnp.where(on_diagonal, packed, 1)), packed)
+
+
+def _unpack_cholesky(packed: Array, n_features: int) -> Array:
+    """Inverse of ``_pack_cholesky``: any real vector gives a positive-definite matrix."""
+    rows, cols = np.tril_indices(n_features)
+    on_diagonal = jnp.broadcast_to(rows == cols, packed.shape)
+    values = jnp.where(on_diagonal, jnp.exp(packed), packed)
+    lower = jnp.zeros((*packed.shape[:-1], n_features, n_features), packed.dtype)
+    lower = lower.at[..., rows, cols].set(values)
+    return lower @ jnp.swapaxes(lower, -1, -2)
+
+
+# ---------------------------------------------------------------------------
+# The factory
+# ---------------------------------------------------------------------------
+
+
+def gaussian_mixture(
+    n_components: int,
+    covariance_type: str = "full",
+    reg_covar: float = 1e-6,
+    init: str = "kmeans++",
+    reg_covar_mode: str = "relative",
+) -> LatentModel:
+    r"""A Gaussian mixture model as a :class:`~latentem.LatentModel`.
+
+    .. math:: \log p(x_n, z_n = k) = \log \pi_k - \tfrac12 \big(d \log 2\pi
+              + (x_n - \mu_k)^\top \Sigma_k^{-1} (x_n - \mu_k)\big)
+              + \log |\Sigma_k^{-1}|^{1/2}
+
+    The M-step is the weighted maximum-likelihood estimate from responsibilities
+    :math:`r_{nk}` (weights already applied), :math:`N_k = \sum_n r_{nk}`:
+    :math:`\pi_k = N_k / \sum_j N_j`, :math:`\mu_k = \sum_n r_{nk} x_n / N_k`,
+    :math:`\Sigma_k = \sum_n r_{nk} (x_n - \mu_k)(x_n - \mu_k)^\top / N_k + \lambda`,
+    with the tied, diagonal and spherical variants of the last.
+
+    Initialisation (``init``): ``"kmeans++"`` seeds centres by greedy weighted
+    k-means++, ``"random_from_data"`` by distinct random samples; both then assign each
+    sample to its nearest centre and take one M-step from that partition.
+    ``"random"`` takes the M-step from random responsibilities (scikit-learn's
+    ``"random"``). The factory is memoised: the same arguments return the same model,
+    so compiled fits are reused.
+
+    Args:
+      n_components: number of components :math:`K`.
+      covariance_type: ``"full"``, ``"tied"``, ``"diag"`` or ``"spherical"``.
+      reg_covar: non-negative regularisation added to covariance diagonals.
+      init: ``"kmeans++"``, ``"random_from_data"`` or ``"random"``.
+      reg_covar_mode: ``"relative"`` (default) adds ``reg_covar`` times each feature's
+        variance in the data, so the fit does not depend on the units of the data;
+        ``"absolute"`` adds ``reg_covar`` itself, as scikit-learn does.
+
+    Returns:
+      A :class:`~latentem.LatentModel` over :class:`GaussianMixtureParams`.
+
+    Example:
+      >>> import jax, latentem as lem
+      >>> model = lem.gaussian_mixture(2, covariance_type="diag")
+      >>> x = lem.datasets.load_faithful()
+      >>> result = lem.fit(model, jax.random.key(0), x)
+      >>> result.params.means.shape, result.params.covariances.shape
+      ((2, 2), (2, 2))
+
+    References:
+      Bishop (2006), Pattern Recognition and Machine Learning, §9.2.
+    """
+    n_components = check_positive_int(n_components, "n_components")
+    check_choice(covariance_type, "covariance_type", COVARIANCE_TYPES)
+    check_choice(init, "init", INITS)
+    check_choice(reg_covar_mode, "reg_covar_mode", REG_COVAR_MODES)
+    if isinstance(reg_covar, bool) or not isinstance(reg_covar, (int, float)):
+        raise ValueError(f"reg_covar must be a non-negative number; got {reg_covar!r}.")
+    check_nonnegative(reg_covar, "reg_covar")
+    return _gaussian_mixture(n_components, covariance_type, float(reg_covar), init, reg_covar_mode)
+
+
+@functools.lru_cache(maxsize=256)
+def _gaussian_mixture(
+    n_components: int, covariance_type: str, reg_covar: float, init: str, reg_covar_mode: str
+) -> LatentModel:
+    def check_data(x: Array, params: GaussianMixtureParams | None = None) -> None:
+        if x.ndim != 2:
+            raise ValueError(f"x must be 2-D with shape (n_samples, n_features); got shape {x.shape}.")
+        if params is not None and x.shape[1] != params.means.shape[-1]:
+            raise ValueError(
+                f"x has {x.shape[1]} features but the parameters have "
+                f"{params.means.shape[-1]}; pass data with shape (n_samples, {params.means.shape[-1]})."
+            )
+
+    def log_joint(params: GaussianMixtureParams, x: Array) -> Array:
+        check_data(x, params)
+        x = x.astype(params.means.dtype)
+        reference = params.weights @ params.means
+        log_density = _log_gaussian_density(x, params.means, params.covariances, covariance_type, reference)
+        return log_density + jnp.log(params.weights)[None, :]
+
+    def m_step(x: Array, responsibilities: Array, params: GaussianMixtureParams) -> GaussianMixtureParams:
+        check_data(x, params)
+        return _gaussian_m_step(x, responsibilities, params, covariance_type, reg_covar, reg_covar_mode)
+
+    def initialize(key: PRNGKey, x: Array, weights: Array) -> GaussianMixtureParams:
+        check_data(x)
+        if x.shape[0] < n_components:
+            raise ValueError(
+                f"x has {x.shape[0]} samples but n_components={n_components}; "
+                "use at most as many components as samples."
+            )
+        x = x.astype(float_dtype(x))
+        weights = weights.astype(x.dtype)
+        if init == "random":
+            responsibilities = jax.random.uniform(key, (x.shape[0], n_components), x.dtype)
+            responsibilities = responsibilities / responsibilities.sum(axis=1, keepdims=True)
+            centres = jnp.broadcast_to(_first_weighted_row(x, weights), (n_components, x.shape[1]))
+        else:
+            seed = kmeans_plusplus if init == "kmeans++" else random_from_data
+            centres = seed(key, x, n_components, weights)
+            nearest = jnp.argmin(squared_distances(x, centres), axis=1)
+            responsibilities = jax.nn.one_hot(nearest, n_components, dtype=x.dtype)
+        # Components whose cell is empty keep these: the seed and the data's variances.
+        start = GaussianMixtureParams(
+            weights=jnp.full((n_components,), 1 / n_components, x.dtype),
+            means=centres,
+            covariances=_covariances_from_variances(
+                feature_variances(x, weights), n_components, covariance_type
+            ),
+        )
+        return m_step(x, responsibilities * weights[:, None], start)
+
+    def sample(key: PRNGKey, params: GaussianMixtureParams, n_samples: int) -> tuple[Array, Array]:
+        n_samples = check_positive_int(n_samples, "n_samples")
+        component_key, noise_key = jax.random.split(key)
+        labels = jax.random.categorical(component_key, jnp.log(params.weights), shape=(n_samples,))
+        noise = jax.random.normal(noise_key, (n_samples, params.means.shape[1]), params.means.dtype)
+        if covariance_type == "full":
+            lower = jnp.linalg.cholesky(params.covariances)
+
+            # One component at a time keeps memory at O(n d) rather than O(n k d).
+            def add_component(k: Array, x: Array) -> Array:
+                return jnp.where((labels == k)[:, None], noise @ lower[k].T, x)
+
+            x = jax.lax.fori_loop(0, n_components, add_component, jnp.zeros_like(noise))
+        elif covariance_type == "tied":
+            x = noise @ jnp.linalg.cholesky(params.covariances).T
+        elif covariance_type == "diag":
+            x = noise * jnp.sqrt(params.covariances)[labels]
+        else:
+            x = noise * jnp.sqrt(params.covariances)[labels][:, None]
+        return x + params.means[labels], labels.astype(jnp.int32)
+
+    def n_parameters(params: GaussianMixtureParams) -> int:
+        k, d = params.means.shape
+        covariance_count = {
+            "full": k * d * (d + 1) // 2,
+            "tied": d * (d + 1) // 2,
+            "diag": k * d,
+            "spherical": k,
+        }[covariance_type]
+        return covariance_count + k * d + k - 1
+
+    def to_unconstrained(params: GaussianMixtureParams) -> GaussianMixtureUnconstrained:
+        if covariance_type in ("full", "tied"):
+            scales = _pack_cholesky(params.covariances)
+        else:
+            scales = jnp.log(params.covariances)
+        return GaussianMixtureUnconstrained(jnp.log(params.weights), params.means, scales)
+
+    def from_unconstrained(unconstrained: GaussianMixtureUnconstrained) -> GaussianMixtureParams:
+        if covariance_type in ("full", "tied"):
+            covariances = _unpack_cholesky(unconstrained.scales, unconstrained.means.shape[-1])
+        else:
+            covariances = jnp.exp(unconstrained.scales)
+        return GaussianMixtureParams(jax.nn.softmax(unconstrained.logits), unconstrained.means, covariances)
+
+    return LatentModel(
+        init=initialize,
+        log_joint=log_joint,
+        m_step=m_step,
+        sample=sample,
+        n_parameters=n_parameters,
+        to_unconstrained=to_unconstrained,
+        from_unconstrained=from_unconstrained,
+    )
