@@ -277,7 +277,8 @@ def fit_em(
             history=state.history.at[state.n_iter].set(new_objective),
         )
 
-    state = jax.lax.while_loop(keep_going, iteration, state)
+    if max_iter > 0:  # with max_iter = 0 the body (which writes history) is not even traced
+        state = jax.lax.while_loop(keep_going, iteration, state)
     status = jnp.where(state.status == _RUNNING, Status.MAX_ITER, state.status)
     if model.posterior is None:
         status = jnp.where(

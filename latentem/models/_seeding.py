@@ -19,9 +19,17 @@ def squared_distances(x: Array, centres: Array) -> Array:
     return jnp.sum(jnp.square(x[:, None, :] - centres[None, :, :]), axis=2)
 
 
-def _log_probabilities(mass: Array) -> Array:
-    """Log of non-negative sampling masses; zero mass gives ``-inf`` (never drawn)."""
-    return jnp.where(mass > 0, jnp.log(jnp.where(mass > 0, mass, 1)), -jnp.inf)
+def _draw(mass: Array, uniforms: Array) -> Array:
+    """Indices drawn with probability proportional to non-negative ``mass``.
+
+    Inverse-CDF sampling from pre-drawn uniforms: one random-number call for the whole
+    seeding keeps the compiled program small (each threefry call costs compile time).
+    A sample of zero mass is never drawn.
+    """
+    cumulative = jnp.cumsum(mass)
+    targets = uniforms * cumulative[-1]
+    index = jnp.sum(cumulative[None, :] <= targets[:, None], axis=1)
+    return jnp.minimum(index, mass.shape[0] - 1)
 
 
 def kmeans_plusplus(key: PRNGKey, x: Array, n_clusters: int, weights: Array) -> Array:
@@ -37,26 +45,24 @@ def kmeans_plusplus(key: PRNGKey, x: Array, n_clusters: int, weights: Array) -> 
       the greedy variant as in scikit-learn's ``kmeans_plusplus``.
     """
     n_trials = 2 + int(math.log(n_clusters))
-    first_key, key = jax.random.split(key)
-    first = jax.random.categorical(first_key, _log_probabilities(weights))
+    uniforms = jax.random.uniform(key, (n_clusters, n_trials), x.dtype)
+    first = _draw(weights, uniforms[0, :1])[0]
     centres = jnp.broadcast_to(x[first], (n_clusters, x.shape[1]))
     closest = jnp.sum(jnp.square(x - x[first][None, :]), axis=1)
 
-    def add_centre(i: Array, carry: tuple[Array, Array, PRNGKey]) -> tuple[Array, Array, PRNGKey]:
-        centres, closest, key = carry
-        key, draw_key = jax.random.split(key)
+    def add_centre(i: Array, carry: tuple[Array, Array]) -> tuple[Array, Array]:
+        centres, closest = carry
         mass = weights * closest
         # When every weighted point already sits on a centre (duplicated data), draw by
         # weight alone: the duplicate centre becomes an empty component, reported later.
         mass = jnp.where(jnp.any(mass > 0), mass, weights)
-        candidates = jax.random.categorical(draw_key, _log_probabilities(mass), shape=(n_trials,))
+        candidates = _draw(mass, uniforms[i])
         distances = squared_distances(x, x[candidates]).T  # (n_trials, n_samples)
         new_closest = jnp.minimum(closest[None, :], distances)
         best = jnp.argmin(jnp.sum(new_closest * weights[None, :], axis=1))
-        centres = centres.at[i].set(x[candidates[best]])
-        return centres, new_closest[best], key
+        return centres.at[i].set(x[candidates[best]]), new_closest[best]
 
-    centres, _, _ = jax.lax.fori_loop(1, n_clusters, add_centre, (centres, closest, key))
+    centres, _ = jax.lax.fori_loop(1, n_clusters, add_centre, (centres, closest))
     return centres
 
 

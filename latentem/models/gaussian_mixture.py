@@ -428,14 +428,24 @@ def _gaussian_mixture(
             scales = _pack_cholesky(params.covariances)
         else:
             scales = jnp.log(params.covariances)
-        return GaussianMixtureUnconstrained(jnp.log(params.weights), params.means, scales)
+        # A weight of exactly zero (an emptied component) would give a logit of -inf;
+        # the smallest normal number keeps the point finite and maps back to ~0.
+        tiny = jnp.finfo(params.weights.dtype).tiny
+        logits = jnp.log(jnp.maximum(params.weights, tiny))
+        return GaussianMixtureUnconstrained(logits, params.means, scales)
 
     def from_unconstrained(unconstrained: GaussianMixtureUnconstrained) -> GaussianMixtureParams:
         if covariance_type in ("full", "tied"):
             covariances = _unpack_cholesky(unconstrained.scales, unconstrained.means.shape[-1])
         else:
             covariances = jnp.exp(unconstrained.scales)
-        return GaussianMixtureParams(jax.nn.softmax(unconstrained.logits), unconstrained.means, covariances)
+        # softmax underflows to exactly 0 for a logit far below the others; log_joint
+        # then takes log(0) and its gradient is 0 * inf = NaN. Flooring at the smallest
+        # normal number keeps every weight positive and the gradient finite (zero
+        # through the floor); the sum stays one to rounding, since tiny << eps.
+        weights = jax.nn.softmax(unconstrained.logits)
+        weights = jnp.maximum(weights, jnp.finfo(weights.dtype).tiny)
+        return GaussianMixtureParams(weights, unconstrained.means, covariances)
 
     return LatentModel(
         init=initialize,

@@ -1,0 +1,386 @@
+"""The EM engine: loop semantics, statuses, weights, transformations, MAP-EM."""
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.scipy.special import gammaln
+from scipy import special, stats
+
+import latentem as lem
+from tests.helpers import assert_trees_all_close, assert_trees_equal, blobs
+
+MODEL = lem.gaussian_mixture(3, "full")
+
+
+def tight(dtype, float64=1e-10, float32=1e-4):
+    return float64 if dtype == np.float64 else float32
+
+
+@functools.lru_cache
+def compiled_fit_em(model, max_iter=100):
+    return jax.jit(functools.partial(lem.fit_em, model, max_iter=max_iter))
+
+
+@pytest.fixture(scope="module")
+def datasets():
+    """Eight small datasets of three clusters, float64 NumPy, shape (8, 90, 2)."""
+    return np.stack([blobs(seed, n_per_cluster=30) for seed in range(8)])
+
+
+def start_params(x, dtype, key=0):
+    x = jnp.asarray(x, dtype)
+    return MODEL.init(jax.random.key(key), x, jnp.ones(x.shape[0], dtype))
+
+
+# ---------------------------------------------------------------------------
+# Loop semantics
+# ---------------------------------------------------------------------------
+
+
+def test_history_and_objective_semantics(dtype, datasets):
+    x = jnp.asarray(datasets[0], dtype)
+    # A poor start (random responsibilities), so that EM needs several iterations.
+    params = lem.gaussian_mixture(3, init="random").init(jax.random.key(0), x, jnp.ones(x.shape[0], dtype))
+    result = compiled_fit_em(MODEL, 100)(params, x, tol=1e-5)
+    n_iter = int(result.n_iter)
+    assert 3 <= n_iter < 100 and bool(result.converged) and int(result.status) == lem.Status.CONVERGED
+    history = np.asarray(result.history)
+    assert np.all(np.isfinite(history[:n_iter])) and np.all(np.isnan(history[n_iter:]))
+    # The objective is evaluated at the returned params: the last history entry.
+    assert history[n_iter - 1] == float(result.log_likelihood)
+    np.testing.assert_allclose(
+        float(result.log_likelihood),
+        float(lem.score(MODEL, result.params, x)),
+        rtol=tight(dtype, 1e-12, 1e-6),
+    )
+    assert (
+        abs(history[n_iter - 1] - history[n_iter - 2])
+        < 1e-6
+        <= abs(history[n_iter - 2] - history[n_iter - 3])
+    )
+
+
+def test_em_step_is_one_iteration_of_fit_em(dtype, datasets):
+    x = jnp.asarray(datasets[1], dtype)
+    params = start_params(x, dtype)
+    stepped, objective_before = lem.em_step(MODEL, params, x)
+    result = compiled_fit_em(MODEL, 1)(params, x, tol=0.0)
+    assert_trees_all_close(
+        stepped, result.params, rtol=tight(dtype, 1e-12, 1e-5), atol=tight(dtype, 1e-12, 1e-5)
+    )
+    np.testing.assert_allclose(float(objective_before), float(lem.score(MODEL, params, x)), rtol=1e-6)
+    assert float(result.log_likelihood) >= float(objective_before)
+
+
+def test_max_iter_status_and_zero_iterations(dtype, datasets):
+    x = jnp.asarray(datasets[2], dtype)
+    params = start_params(x, dtype)
+    result = compiled_fit_em(MODEL, 3)(params, x, tol=0.0)
+    assert (
+        int(result.status) == lem.Status.MAX_ITER and not bool(result.converged) and int(result.n_iter) == 3
+    )
+    untouched = compiled_fit_em(MODEL, 0)(params, x)
+    assert_trees_equal(untouched.params, params)
+    assert int(untouched.n_iter) == 0 and untouched.history.shape == (0,)
+    assert int(untouched.status) == lem.Status.MAX_ITER
+    with pytest.warns(lem.ConvergenceWarning, match="max_iter=3"):
+        lem.fit(MODEL, jax.random.key(0), x, max_iter=3, tol=0.0)
+
+
+def test_resuming_equals_one_longer_fit(dtype, datasets):
+    x = jnp.asarray(datasets[3], dtype)
+    params = start_params(x, dtype)
+    both = compiled_fit_em(MODEL, 7)(params, x, tol=0.0)
+    first = compiled_fit_em(MODEL, 3)(params, x, tol=0.0)
+    resumed = compiled_fit_em(MODEL, 4)(first.params, x, tol=0.0)
+    assert_trees_equal(resumed.params, both.params)
+    np.testing.assert_array_equal(np.concatenate([first.history, resumed.history]), both.history)
+
+
+class CountingParams(NamedTuple):
+    mixture: lem.GaussianMixtureParams
+    step: jax.Array
+
+
+def broken_at_third_m_step():
+    """A custom model whose M-step returns NaN parameters at its third call."""
+
+    def init(key, x, weights):
+        return CountingParams(MODEL.init(key, x, weights), jnp.zeros((), jnp.int32))
+
+    def log_joint(params, x):
+        return MODEL.log_joint(params.mixture, x)
+
+    def m_step(x, posterior, params):
+        mixture = MODEL.m_step(x, posterior, params.mixture)
+        poison = jnp.where(params.step == 2, jnp.nan, 0.0).astype(mixture.means.dtype)
+        return CountingParams(mixture._replace(means=mixture.means + poison), params.step + 1)
+
+    return lem.LatentModel(init=init, log_joint=log_joint, m_step=m_step)
+
+
+def test_nan_from_m_step_stops_with_last_finite_params(dtype, datasets):
+    model = broken_at_third_m_step()
+    x = jnp.asarray(datasets[4], dtype)
+    params = model.init(jax.random.key(0), x, jnp.ones(x.shape[0], dtype))
+    result = jax.jit(functools.partial(lem.fit_em, model, max_iter=20))(params, x, tol=0.0)
+    assert int(result.status) == lem.Status.NONFINITE and not bool(result.converged)
+    assert int(result.n_iter) == 3
+    two_steps = compiled_fit_em(MODEL, 2)(params.mixture, x, tol=0.0)
+    assert_trees_equal(result.params.mixture, two_steps.params)
+    assert int(result.params.step) == 2
+    assert float(result.log_likelihood) == float(two_steps.log_likelihood)
+    assert np.isnan(result.history[2]) and np.all(np.isfinite(result.history[:2]))
+
+
+def test_nan_data_under_jit_is_nonfinite_and_never_converged(dtype, datasets):
+    x = jnp.asarray(datasets[5], dtype).at[7, 1].set(jnp.nan)
+    params = start_params(datasets[5], dtype)
+    result = compiled_fit_em(MODEL)(params, x)
+    assert int(result.status) == lem.Status.NONFINITE and not bool(result.converged)
+    assert int(result.n_iter) == 0
+    assert_trees_equal(result.params, params)
+    with pytest.raises(ValueError, match=r"rows?.*: 7"):
+        lem.fit(MODEL, jax.random.key(0), x)
+    jitted_fit = jax.jit(lambda key, x: lem.fit(MODEL, key, x, n_init=2))
+    restarted = jitted_fit(jax.random.key(0), x)
+    assert int(restarted.status) == lem.Status.NONFINITE and not bool(restarted.converged)
+
+
+def test_nan_dataset_leaves_rest_of_batch_bitwise_equal(dtype, datasets):
+    xs = jnp.asarray(datasets[:4], dtype)
+    params = jax.vmap(lambda x: start_params(x, dtype))(xs)
+    poisoned = xs.at[2, 5, 0].set(jnp.nan)
+    batched = jax.jit(jax.vmap(functools.partial(lem.fit_em, MODEL)))
+    with_nan = batched(params, poisoned)
+    keep = np.array([0, 1, 3])
+    without = batched(jax.tree_util.tree_map(lambda a: a[keep], params), xs[keep])
+    assert np.asarray(with_nan.status).tolist()[2] == lem.Status.NONFINITE
+    assert_trees_equal(jax.tree_util.tree_map(lambda a: a[keep], with_nan), without)
+
+
+# ---------------------------------------------------------------------------
+# Transformations
+# ---------------------------------------------------------------------------
+
+
+def test_vmap_fit_em_equals_loop(dtype, datasets):
+    xs = jnp.asarray(datasets, dtype)
+    params = jax.vmap(lambda x: start_params(x, dtype))(xs)
+    batched = jax.jit(jax.vmap(functools.partial(lem.fit_em, MODEL, tol=1e-5)))(params, xs)
+    single = compiled_fit_em(MODEL)
+    for b in range(xs.shape[0]):
+        one = single(jax.tree_util.tree_map(lambda a, b=b: a[b], params), xs[b], tol=1e-5)
+        assert int(batched.n_iter[b]) == int(one.n_iter)
+        assert_trees_all_close(
+            jax.tree_util.tree_map(lambda a, b=b: a[b], batched),
+            one,
+            rtol=tight(dtype, 1e-10, 1e-4),
+            atol=1e-6,
+        )
+
+
+def test_vmap_fit_equals_loop_and_fit_does_not_recompile(dtype, datasets):
+    xs = jnp.asarray(datasets, dtype)
+    keys = jax.random.split(jax.random.key(42), xs.shape[0])
+    batched = jax.vmap(functools.partial(lem.fit, MODEL, n_init=2))(keys, xs)
+    for b in range(xs.shape[0]):
+        one = lem.fit(MODEL, keys[b], xs[b], n_init=2)
+        assert_trees_all_close(
+            jax.tree_util.tree_map(lambda a, b=b: a[b], batched),
+            one,
+            rtol=tight(dtype, 1e-10, 1e-4),
+            atol=1e-6,
+        )
+    # The loop above compiled once and reused the program for every dataset.
+    before = lem._em._fit_compiled._cache_size()
+    again = lem.fit(lem.gaussian_mixture(3, "full"), jax.random.key(7), xs[0] + 1, n_init=2)
+    assert lem._em._fit_compiled._cache_size() == before
+    assert int(again.n_iter) > 0
+
+
+def test_eager_equals_jit(dtype, datasets):
+    x = jnp.asarray(datasets[6], dtype)
+    params = start_params(x, dtype)
+    eager = lem.fit_em(MODEL, params, x, max_iter=5, tol=0.0)
+    jitted = compiled_fit_em(MODEL, 5)(params, x, tol=0.0)
+    assert_trees_all_close(eager, jitted, rtol=tight(dtype, 1e-10, 1e-5), atol=1e-6)
+
+
+def test_same_key_same_result_and_restarts_differ(dtype, datasets):
+    x = jnp.asarray(datasets[7], dtype)
+    first = lem.fit(MODEL, jax.random.key(3), x, n_init=3)
+    second = lem.fit(MODEL, jax.random.key(3), x, n_init=3)
+    assert_trees_equal(first, second)
+    keys = jax.random.split(jax.random.key(3), 3)
+    inits = [MODEL.init(k, x, jnp.ones(x.shape[0], dtype)).means for k in keys]
+    assert not np.array_equal(inits[0], inits[1]) and not np.array_equal(inits[1], inits[2])
+
+
+def test_best_restart_never_picks_nan():
+    scores = jnp.array([jnp.nan, -3.0, -2.0, jnp.inf * 0])
+    results = lem.EMResult(
+        params=jnp.arange(4.0),
+        log_likelihood=scores,
+        n_iter=jnp.ones(4, jnp.int32),
+        converged=jnp.array([False, True, True, False]),
+        status=jnp.array([2, 0, 0, 2], jnp.int32),
+        history=jnp.zeros((4, 1)),
+    )
+    assert float(lem._em.best_restart(results).params) == 2.0
+
+
+# ---------------------------------------------------------------------------
+# Weights
+# ---------------------------------------------------------------------------
+
+
+def test_zero_weight_equals_removal(dtype, datasets):
+    x = jnp.asarray(datasets[0], dtype)
+    params = start_params(x, dtype)
+    weights = jnp.ones(x.shape[0], dtype).at[::4].set(0.0)
+    keep = np.flatnonzero(np.asarray(weights) > 0)
+    weighted = compiled_fit_em(MODEL, 30)(params, x, weights=weights, tol=0.0)
+    removed = compiled_fit_em(MODEL, 30)(params, x[keep], tol=0.0)
+    rtol = tight(dtype, 1e-9, 1e-4)
+    assert_trees_all_close(weighted.params, removed.params, rtol=rtol, atol=rtol)
+    np.testing.assert_allclose(weighted.history, removed.history, rtol=rtol)
+
+
+def test_zero_weight_row_with_garbage_log_likelihood_is_ignored(dtype):
+    """A zero-weight sample with log p = -inf must not turn the objective or params into NaN."""
+    model = poisson_mixture(2)
+    x = jnp.asarray([[0.0, 0.0], [1.0, 1.0], [4.0, 0.0], [5.0, 0.0], [3.0, 0.0]], dtype)
+    # The second feature has rate 0 in both components: row 1 is impossible (log p = -inf).
+    params = PoissonParams(jnp.asarray([0.5, 0.5], dtype), jnp.asarray([[0.5, 0.0], [4.0, 0.0]], dtype))
+    assert np.isneginf(float(lem.score_samples(model, params, x)[1]))
+    weights = jnp.asarray([1, 0, 1, 1, 1], dtype)
+    new_params, objective = lem.em_step(model, params, x, weights)
+    assert np.isfinite(float(objective)) and bool(lem._base.tree_all_finite(new_params))
+    kept = np.array([0, 2, 3, 4])
+    removed_params, removed_objective = lem.em_step(model, params, x[kept])
+    np.testing.assert_allclose(float(objective), float(removed_objective), rtol=tight(dtype, 1e-12, 1e-6))
+    assert_trees_all_close(new_params, removed_params, rtol=tight(dtype, 1e-12, 1e-6))
+
+
+def test_integer_weight_equals_repetition(dtype, datasets):
+    x = jnp.asarray(datasets[1], dtype)
+    params = start_params(x, dtype)
+    counts = np.random.default_rng(0).integers(0, 4, x.shape[0])
+    weighted = compiled_fit_em(MODEL, 30)(params, x, weights=jnp.asarray(counts, dtype), tol=0.0)
+    repeated = compiled_fit_em(MODEL, 30)(params, jnp.repeat(x, counts, axis=0), tol=0.0)
+    rtol = tight(dtype, 1e-9, 1e-4)
+    assert_trees_all_close(weighted.params, repeated.params, rtol=rtol, atol=rtol)
+    np.testing.assert_allclose(weighted.log_likelihood, repeated.log_likelihood, rtol=rtol)
+
+
+def test_invalid_weights_and_arguments_raise():
+    x = blobs(0, n_per_cluster=10)
+    with pytest.raises(ValueError, match="non-negative"):
+        lem.fit(MODEL, jax.random.key(0), x, weights=-np.ones(30))
+    with pytest.raises(ValueError, match="all zero"):
+        lem.fit(MODEL, jax.random.key(0), x, weights=np.zeros(30))
+    with pytest.raises(ValueError, match=r"shape \(n_samples,\) = \(30,\)"):
+        lem.fit(MODEL, jax.random.key(0), x, weights=np.ones(29))
+    with pytest.raises(ValueError, match="reshape"):
+        lem.fit(MODEL, jax.random.key(0), x[:, 0])
+    with pytest.raises(ValueError, match="2-D"):
+        lem.fit(MODEL, jax.random.key(0), x[None])
+    with pytest.raises(ValueError, match="n_init"):
+        lem.fit(MODEL, jax.random.key(0), x, n_init=0)
+    with pytest.raises(ValueError, match="max_iter"):
+        lem.fit(MODEL, jax.random.key(0), x, max_iter=-1)
+    with pytest.raises(ValueError, match="tol"):
+        lem.fit(MODEL, jax.random.key(0), x, tol=-1.0)
+    with pytest.raises(ValueError, match="3 components"):
+        lem.fit(MODEL, jax.random.key(0), x, weights=np.r_[np.ones(2), np.zeros(28)])
+    with pytest.raises(ValueError, match="features"):
+        lem.predict(MODEL, lem.fit(MODEL, jax.random.key(0), x).params, np.ones((4, 3)))
+
+
+def test_inputs_are_not_mutated(datasets):
+    x = datasets[0].copy()
+    weights = np.ones(x.shape[0])
+    lem.fit(MODEL, jax.random.key(0), x, weights=weights)
+    np.testing.assert_array_equal(x, datasets[0])
+    np.testing.assert_array_equal(weights, np.ones(x.shape[0]))
+
+
+def test_empty_component_is_reported(dtype):
+    """Five distinct points, duplicated, and six components: some must end empty."""
+    x = jnp.asarray(np.repeat(np.arange(5.0)[:, None] * np.array([[1.0, 2.0]]), 4, axis=0), dtype)
+    model = lem.gaussian_mixture(6, "diag")
+    with pytest.warns(lem.ConvergenceWarning, match="EMPTY_COMPONENT"):
+        result = lem.fit(model, jax.random.key(0), x)
+    assert int(result.status) == lem.Status.EMPTY_COMPONENT
+    assert lem._base.tree_all_finite(result.params)
+    assert float(jnp.min(result.params.weights)) < 1e-6
+
+
+# ---------------------------------------------------------------------------
+# A custom model: the README's Poisson mixture, with and without a prior
+# ---------------------------------------------------------------------------
+
+
+class PoissonParams(NamedTuple):
+    weights: jax.Array
+    rates: jax.Array
+
+
+@functools.lru_cache
+def poisson_mixture(n_components, prior_shape=None, prior_rate=None):
+    """Poisson mixture; with a Gamma(shape, rate) prior on each rate it does MAP-EM."""
+
+    def log_joint(params, x):
+        log_rates = jnp.log(params.rates)
+        # x log(rate) with 0 log 0 = 0, so that a zero rate explains zero counts.
+        terms = jnp.where(x[:, None, :] > 0, x[:, None, :] * log_rates[None, :, :], 0.0)
+        log_p = terms.sum(2) - params.rates.sum(1)[None, :] - gammaln(x + 1).sum(1)[:, None]
+        return log_p + jnp.log(params.weights)[None, :]
+
+    def m_step(x, responsibilities, params):
+        counts = responsibilities.sum(0)
+        if prior_shape is None:
+            rates = responsibilities.T @ x / counts[:, None]
+        else:
+            rates = (responsibilities.T @ x + prior_shape - 1) / (counts[:, None] + prior_rate)
+        return PoissonParams(counts / counts.sum(), rates)
+
+    def init(key, x, weights):
+        responsibilities = jax.random.dirichlet(key, jnp.ones(n_components, x.dtype), (x.shape[0],))
+        return m_step(x, responsibilities * weights[:, None], None)
+
+    def log_prior(params):
+        return jnp.sum((prior_shape - 1) * jnp.log(params.rates) - prior_rate * params.rates)
+
+    return lem.LatentModel(
+        init=init, log_joint=log_joint, m_step=m_step, log_prior=None if prior_shape is None else log_prior
+    )
+
+
+def test_map_em_objective_includes_prior_and_never_decreases(dtype):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.poisson(np.where(rng.random(300) < 0.4, 9.0, 2.0)[:, None], (300, 3)), dtype)
+    model = poisson_mixture(2, prior_shape=3.0, prior_rate=0.5)
+    params = model.init(jax.random.key(0), x, jnp.ones(300, dtype))
+    result = jax.jit(functools.partial(lem.fit_em, model, max_iter=40))(params, x, tol=0.0)
+    history = np.asarray(result.history, np.float64)
+    assert np.all(np.diff(history) >= -64 * np.finfo(dtype).eps * np.abs(history).max())
+    # Independent check of the reported objective with SciPy densities.
+    weights, rates = (np.asarray(a, np.float64) for a in result.params)
+    x64 = np.asarray(x, np.float64)
+    joint = np.log(weights)[None, :] + np.stack(
+        [stats.poisson(rates[k]).logpmf(x64).sum(1) for k in range(2)], axis=1
+    )
+    # Our log prior drops the Gamma normaliser a log b - log Gamma(a) of each rate.
+    normaliser = 3.0 * np.log(0.5) - special.gammaln(3.0)
+    log_prior = (stats.gamma(3.0, scale=1 / 0.5).logpdf(rates) - normaliser).sum()
+    expected = (np.logaddexp.reduce(joint, axis=1).sum() + log_prior) / 300
+    np.testing.assert_allclose(float(result.log_likelihood), expected, rtol=tight(dtype, 1e-10, 1e-5))
+    # The MAP rates differ from the maximum-likelihood ones in the direction of the prior mode.
+    ml = jax.jit(functools.partial(lem.fit_em, poisson_mixture(2), max_iter=40))(params, x, tol=0.0)
+    assert not np.allclose(np.asarray(ml.params.rates), rates, rtol=1e-6)

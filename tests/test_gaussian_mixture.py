@@ -1,0 +1,338 @@
+"""The Gaussian mixture against scikit-learn, NumPy and SciPy references."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+from sklearn.mixture import GaussianMixture
+from sklearn.mixture._gaussian_mixture import (
+    _compute_precision_cholesky,
+    _estimate_gaussian_parameters,
+)
+
+import latentem as lem
+from latentem.models._seeding import kmeans_plusplus
+from tests.helpers import assert_trees_all_close, blobs, random_covariances
+
+N_COMPONENTS = 3
+N_FEATURES = 3
+
+
+def reference_params(covariance_type, seed=0):
+    """Random float64 parameters (NumPy) of the given covariance type."""
+    rng = np.random.default_rng(seed)
+    weights = rng.dirichlet(np.ones(N_COMPONENTS) * 3)
+    means = rng.standard_normal((N_COMPONENTS, N_FEATURES)) * 3
+    covariances = random_covariances(rng, covariance_type, N_COMPONENTS, N_FEATURES)
+    return weights, means, covariances
+
+
+def sklearn_model(covariance_type, weights, means, covariances):
+    """A scikit-learn GaussianMixture with its fitted attributes set by hand."""
+    gm = GaussianMixture(N_COMPONENTS, covariance_type=covariance_type)
+    gm.weights_, gm.means_, gm.covariances_ = weights, means, covariances
+    gm.precisions_cholesky_ = _compute_precision_cholesky(covariances, covariance_type)
+    return gm
+
+
+def to_params(weights, means, covariances, dtype):
+    return lem.GaussianMixtureParams(
+        jnp.asarray(weights, dtype), jnp.asarray(means, dtype), jnp.asarray(covariances, dtype)
+    )
+
+
+def rtol_for(dtype, float64_rtol=1e-6, float32_rtol=2e-4):
+    return float64_rtol if dtype == np.float64 else float32_rtol
+
+
+# ---------------------------------------------------------------------------
+# E-step and M-step at fixed inputs
+# ---------------------------------------------------------------------------
+
+
+def test_log_joint_and_score_samples_match_sklearn(covariance_type, dtype):
+    weights, means, covariances = reference_params(covariance_type)
+    x = np.random.default_rng(1).standard_normal((200, N_FEATURES)) * 3
+    gm = sklearn_model(covariance_type, weights, means, covariances)
+    model = lem.gaussian_mixture(N_COMPONENTS, covariance_type)
+    params = to_params(weights, means, covariances, dtype)
+
+    log_joint = model.log_joint(params, jnp.asarray(x, dtype))
+    assert log_joint.dtype == dtype
+    rtol = rtol_for(dtype)
+    np.testing.assert_allclose(log_joint, gm._estimate_weighted_log_prob(x), rtol=rtol, atol=0)
+    np.testing.assert_allclose(
+        lem.score_samples(model, params, jnp.asarray(x, dtype)), gm.score_samples(x), rtol=rtol
+    )
+    np.testing.assert_allclose(
+        lem.predict_proba(model, params, jnp.asarray(x, dtype)), gm.predict_proba(x), rtol=0, atol=10 * rtol
+    )
+    np.testing.assert_array_equal(lem.predict(model, params, jnp.asarray(x, dtype)), gm.predict(x))
+
+
+def test_log_density_matches_scipy_brute_force(covariance_type, dtype):
+    """Bayes' rule computed directly with SciPy's multivariate normal."""
+    weights, means, covariances = reference_params(covariance_type, seed=3)
+    x = np.random.default_rng(4).standard_normal((50, N_FEATURES)) * 2
+    full = {
+        "full": covariances,
+        "tied": np.broadcast_to(covariances, (N_COMPONENTS, N_FEATURES, N_FEATURES)),
+        "diag": np.stack([np.diag(c) for c in covariances]) if covariance_type == "diag" else None,
+        "spherical": np.stack([c * np.eye(N_FEATURES) for c in np.atleast_1d(covariances)])
+        if covariance_type == "spherical"
+        else None,
+    }[covariance_type]
+    expected = np.stack(
+        [
+            np.log(weights[k]) + stats.multivariate_normal(means[k], full[k]).logpdf(x)
+            for k in range(N_COMPONENTS)
+        ],
+        axis=1,
+    )
+    model = lem.gaussian_mixture(N_COMPONENTS, covariance_type)
+    params = to_params(weights, means, covariances, dtype)
+    responsibilities, log_likelihood = lem.e_step(model, params, jnp.asarray(x, dtype))
+    rtol = rtol_for(dtype, 1e-10, 2e-5)
+    np.testing.assert_allclose(log_likelihood, np.logaddexp.reduce(expected, axis=1), rtol=rtol)
+    expected_responsibilities = np.exp(expected - np.logaddexp.reduce(expected, axis=1)[:, None])
+    np.testing.assert_allclose(responsibilities, expected_responsibilities, rtol=0, atol=10 * rtol)
+
+
+def test_m_step_matches_sklearn(covariance_type, dtype):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((150, N_FEATURES)) * 2 + 1
+    responsibilities = rng.dirichlet(np.ones(N_COMPONENTS), size=150)
+    reg_covar = 1e-3
+    nk, means, covariances = _estimate_gaussian_parameters(x, responsibilities, reg_covar, covariance_type)
+    model = lem.gaussian_mixture(
+        N_COMPONENTS, covariance_type, reg_covar=reg_covar, reg_covar_mode="absolute"
+    )
+    start = to_params(*reference_params(covariance_type), dtype)
+    params = model.m_step(jnp.asarray(x, dtype), jnp.asarray(responsibilities, dtype), start)
+    rtol = rtol_for(dtype, 1e-10, 1e-5)
+    assert_trees_all_close(
+        params, lem.GaussianMixtureParams(nk / nk.sum(), means, covariances), rtol=rtol, atol=rtol
+    )
+
+
+def test_relative_regularisation_scales_with_feature_variance(dtype):
+    """reg_covar_mode="relative" adds reg_covar times each feature's (weighted) variance."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((100, 2)) * np.array([1e-3, 1e3])
+    responsibilities = rng.dirichlet(np.ones(2), size=100)
+    reg_covar = 0.1
+    _, _, unregularised = _estimate_gaussian_parameters(x, responsibilities, 0.0, "diag")
+    model = lem.gaussian_mixture(2, "diag", reg_covar=reg_covar)
+    start = to_params(np.full(2, 0.5), np.zeros((2, 2)), np.ones((2, 2)), dtype)
+    params = model.m_step(jnp.asarray(x, dtype), jnp.asarray(responsibilities, dtype), start)
+    expected = unregularised + reg_covar * x.var(axis=0)[None, :]
+    np.testing.assert_allclose(params.covariances, expected, rtol=rtol_for(dtype, 1e-10, 1e-5))
+
+
+def test_covariance_type_identities_after_one_m_step(dtype):
+    """tied = weighted mean of full, diag = diagonal of full, spherical = mean of diag."""
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.standard_normal((120, 4)), dtype)
+    responsibilities = jnp.asarray(rng.dirichlet(np.ones(3), size=120), dtype)
+    steps = {}
+    for covariance_type in ("full", "tied", "diag", "spherical"):
+        model = lem.gaussian_mixture(3, covariance_type, reg_covar=0.0)
+        start = model.init(jax.random.key(0), x, jnp.ones(120, dtype))
+        steps[covariance_type] = model.m_step(x, responsibilities, start)
+    full = np.asarray(steps["full"].covariances, np.float64)
+    weights = np.asarray(steps["full"].weights, np.float64)
+    rtol = rtol_for(dtype, 1e-12, 1e-5)
+    np.testing.assert_allclose(
+        steps["tied"].covariances, np.einsum("k,kij->ij", weights, full), rtol=rtol, atol=rtol
+    )
+    np.testing.assert_allclose(steps["diag"].covariances, np.diagonal(full, axis1=1, axis2=2), rtol=rtol)
+    np.testing.assert_allclose(
+        steps["spherical"].covariances, np.asarray(steps["diag"].covariances).mean(1), rtol=rtol
+    )
+
+
+# ---------------------------------------------------------------------------
+# Full fits
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def blob_data():
+    return blobs(0, n_per_cluster=80, centres=((0, 0, 0), (4, 0, 0), (0, 4, 1)))
+
+
+@functools.lru_cache
+def jitted_fit_em(model, max_iter):
+    return jax.jit(functools.partial(lem.fit_em, model, max_iter=max_iter))
+
+
+def test_full_fit_from_same_init_matches_sklearn(covariance_type, dtype, blob_data):
+    x = blob_data
+    weights, means, covariances = reference_params(covariance_type, seed=7)
+    means = x[[0, 1, 2]]  # a start inside the data
+    precisions = np.linalg.inv(covariances) if covariance_type in ("full", "tied") else 1 / covariances
+    max_iter = 40
+    gm = GaussianMixture(
+        N_COMPONENTS,
+        covariance_type=covariance_type,
+        weights_init=weights,
+        means_init=means,
+        precisions_init=precisions,
+        max_iter=max_iter,
+        tol=0.0,
+        reg_covar=1e-6,
+    )
+    with pytest.warns(Warning):  # scikit-learn's ConvergenceWarning at tol=0
+        gm.fit(x)
+    model = lem.gaussian_mixture(N_COMPONENTS, covariance_type, reg_covar=1e-6, reg_covar_mode="absolute")
+    result = jitted_fit_em(model, max_iter)(
+        to_params(weights, means, covariances, dtype), jnp.asarray(x, dtype), tol=0.0
+    )
+    assert int(result.n_iter) == max_iter == gm.n_iter_
+    assert int(result.status) == lem.Status.MAX_ITER
+    np.testing.assert_allclose(float(result.log_likelihood), gm.score(x), rtol=rtol_for(dtype, 1e-6, 1e-5))
+    # scikit-learn's lower bounds are the objective before each M-step: ours, shifted.
+    np.testing.assert_allclose(result.history[:-1], gm.lower_bounds_[1:], rtol=rtol_for(dtype, 1e-6, 1e-5))
+    assert_trees_all_close(
+        result.params,
+        lem.GaussianMixtureParams(gm.weights_, gm.means_, gm.covariances_),
+        rtol=rtol_for(dtype, 1e-5, 2e-2),
+        atol=rtol_for(dtype, 1e-8, 1e-3),
+    )
+
+
+def test_log_likelihood_never_decreases(covariance_type, dtype, blob_data):
+    """EM's invariant (with reg_covar=0 the M-step is the exact maximiser)."""
+    x = jnp.asarray(blob_data, dtype)
+    model = lem.gaussian_mixture(4, covariance_type, reg_covar=0.0, init="random")
+    params = model.init(jax.random.key(3), x, jnp.ones(x.shape[0], dtype))
+    result = jitted_fit_em(model, 60)(params, x, tol=0.0)
+    history = np.asarray(result.history[: int(result.n_iter)], np.float64)
+    assert np.all(np.isfinite(history))
+    # Round-off of a mean over 240 samples: a few ulps of the objective.
+    slack = 64 * np.finfo(dtype).eps * np.abs(history).max()
+    assert np.all(np.diff(history) >= -slack), np.diff(history).min()
+    assert history[-1] > history[0]
+
+
+def test_fit_recovers_sampled_parameters(covariance_type, dtype):
+    model = lem.gaussian_mixture(3, covariance_type)
+    weights, means, covariances = reference_params(covariance_type, seed=11)
+    means = means * 3  # well separated
+    truth = to_params(weights, means, covariances, dtype)
+    x, z = model.sample(jax.random.key(0), truth, 6000)
+    assert x.shape == (6000, N_FEATURES) and x.dtype == dtype and z.dtype == jnp.int32
+    # Samples come in random order, not sorted by component.
+    assert len(np.unique(np.asarray(z[:20]))) > 1
+    np.testing.assert_allclose(np.bincount(np.asarray(z), minlength=3) / 6000, weights, atol=0.02)
+    result = lem.fit(model, jax.random.key(1), x, n_init=3)
+    assert int(result.status) == lem.Status.CONVERGED
+    order = np.argsort(np.asarray(result.params.means)[:, 0])
+    truth_order = np.argsort(means[:, 0])
+    np.testing.assert_allclose(np.asarray(result.params.weights)[order], weights[truth_order], atol=0.02)
+    np.testing.assert_allclose(np.asarray(result.params.means)[order], means[truth_order], atol=0.15)
+    covariances_fit = np.asarray(result.params.covariances)
+    if covariance_type != "tied":
+        covariances_fit, covariances = covariances_fit[order], covariances[truth_order]
+    np.testing.assert_allclose(covariances_fit, covariances, atol=0.25)
+
+
+def test_bic_aic_match_sklearn(covariance_type, dtype, blob_data):
+    x = blob_data
+    gm = GaussianMixture(N_COMPONENTS, covariance_type=covariance_type, random_state=0).fit(x)
+    model = lem.gaussian_mixture(N_COMPONENTS, covariance_type)
+    params = to_params(gm.weights_, gm.means_, gm.covariances_, dtype)
+    rtol = rtol_for(dtype, 1e-9, 1e-5)
+    np.testing.assert_allclose(float(lem.bic(model, params, jnp.asarray(x, dtype))), gm.bic(x), rtol=rtol)
+    np.testing.assert_allclose(float(lem.aic(model, params, jnp.asarray(x, dtype))), gm.aic(x), rtol=rtol)
+    assert model.n_parameters(params) == gm._n_parameters()
+
+
+def test_parameter_counts():
+    params = {
+        "full": lem.GaussianMixtureParams(jnp.ones(2), jnp.ones((2, 5)), jnp.ones((2, 5, 5))),
+        "tied": lem.GaussianMixtureParams(jnp.ones(2), jnp.ones((2, 5)), jnp.ones((5, 5))),
+        "diag": lem.GaussianMixtureParams(jnp.ones(2), jnp.ones((2, 5)), jnp.ones((2, 5))),
+        "spherical": lem.GaussianMixtureParams(jnp.ones(2), jnp.ones((2, 5)), jnp.ones(2)),
+    }
+    counts = {key: lem.gaussian_mixture(2, key).n_parameters(value) for key, value in params.items()}
+    assert counts == {"spherical": 13, "diag": 21, "tied": 26, "full": 41}
+
+
+# ---------------------------------------------------------------------------
+# Initialisation, factory, memory
+# ---------------------------------------------------------------------------
+
+
+def test_kmeans_plusplus_seeds_are_distinct_weighted_data_points(dtype):
+    x = jnp.asarray(blobs(1, n_per_cluster=30), dtype)
+    weights = jnp.ones(90, dtype).at[:45].set(0)
+    for seed in range(5):
+        centres = np.asarray(kmeans_plusplus(jax.random.key(seed), x, 3, weights))
+        index = [int(np.flatnonzero((np.asarray(x) == c).all(1))[0]) for c in centres]
+        assert len(set(index)) == 3
+        assert all(i >= 45 for i in index), "a zero-weight sample was chosen as a centre"
+    # One seed per well-separated cluster, whatever the key.
+    labels = np.asarray(
+        lem.predict(lem.gaussian_mixture(3), lem.fit(lem.gaussian_mixture(3), jax.random.key(0), x).params, x)
+    )
+    assert len(np.unique(labels)) == 3
+
+
+@pytest.mark.parametrize("init", ["kmeans++", "random_from_data", "random"])
+def test_every_init_gives_valid_params_and_a_good_fit(init, dtype):
+    x = jnp.asarray(blobs(2, n_per_cluster=60), dtype)
+    model = lem.gaussian_mixture(3, "full", init=init)
+    params = model.init(jax.random.key(4), x, jnp.ones(180, dtype))
+    assert np.allclose(float(params.weights.sum()), 1.0, rtol=1e-5)
+    assert np.all(np.linalg.eigvalsh(np.asarray(params.covariances, np.float64)) > 0)
+    # A tight tol: "random" starts near the symmetric point, where progress is slow at first.
+    result = lem.fit(model, jax.random.key(5), x, n_init=4, tol=1e-6, max_iter=300)
+    x64 = np.asarray(x, np.float64)
+    reference = GaussianMixture(3, random_state=0, n_init=4).fit(x64).score(x64)
+    np.testing.assert_allclose(float(result.log_likelihood), reference, rtol=1e-4)
+
+
+def test_factory_is_memoised_and_validates():
+    assert lem.gaussian_mixture(3) is lem.gaussian_mixture(3, "full")
+    assert lem.gaussian_mixture(3) is not lem.gaussian_mixture(3, "diag")
+    with pytest.raises(ValueError, match="n_components"):
+        lem.gaussian_mixture(0)
+    with pytest.raises(ValueError, match="covariance_type"):
+        lem.gaussian_mixture(2, "banana")
+    with pytest.raises(ValueError, match="reg_covar"):
+        lem.gaussian_mixture(2, reg_covar=-1.0)
+    with pytest.raises(ValueError, match="init"):
+        lem.gaussian_mixture(2, init="kmeans")
+
+
+def _all_avals(jaxpr):
+    """Every abstract value in a jaxpr and its sub-jaxprs (while bodies, pjit, ...)."""
+    stack = [jaxpr]
+    while stack:
+        current = stack.pop()
+        current = getattr(current, "jaxpr", current)
+        for variable in list(current.invars) + list(current.constvars):
+            yield variable.aval
+        for equation in current.eqns:
+            for variable in equation.outvars:
+                yield variable.aval
+            for value in equation.params.values():
+                values = value if isinstance(value, (list, tuple)) else [value]
+                for item in values:
+                    if hasattr(item, "eqns") or hasattr(getattr(item, "jaxpr", None), "eqns"):
+                        stack.append(item)
+
+
+def test_no_samples_by_components_by_features_squared_array():
+    n, k, d = 50, 3, 4
+    model = lem.gaussian_mixture(k, "full")
+    jaxpr = jax.make_jaxpr(lambda key, x: lem.fit(model, key, x, n_init=2))(
+        jax.random.key(0), jnp.ones((n, d))
+    )
+    sizes = [int(np.prod(aval.shape)) for aval in _all_avals(jaxpr) if hasattr(aval, "shape")]
+    assert max(sizes) >= n * k * d  # the (n, k, d) intermediates are there: the walk sees inside the loop
+    assert max(sizes) < n * k * d * d, max(sizes)
