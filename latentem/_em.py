@@ -159,10 +159,24 @@ def em_step(
       (2, 1)
     """
     x, weights = _prepare(x, weights)
-    posterior, log_likelihood = e_step(model, params, x)
-    objective = _objective(model, params, log_likelihood, weights, weights.sum())
-    new_params = model.m_step(x, _weighted_posterior(posterior, weights), params)
+    new_params, objective, _ = _em_iteration(model, params, x, weights, weights.sum())
     return new_params, objective
+
+
+def _em_iteration(
+    model: LatentModel, params: Params, x: Array, weights: Array, total_weight: Array
+) -> tuple[Params, Array, Array | None]:
+    """E-step and objective at ``params``, then the M-step.
+
+    Returns ``(new_params, objective, state_mass)``; ``state_mass`` is the posterior mass
+    of each latent state at ``params`` for finite-state models (``None`` otherwise).
+    """
+    posterior, log_likelihood = e_step(model, params, x)
+    objective = _objective(model, params, log_likelihood, weights, total_weight)
+    weighted = _weighted_posterior(posterior, weights)
+    new_params = model.m_step(x, weighted, params)
+    state_mass = weighted.sum(axis=0) if model.posterior is None else None
+    return new_params, objective, state_mass
 
 
 # ---------------------------------------------------------------------------
@@ -171,10 +185,11 @@ def em_step(
 
 
 class _EMState(NamedTuple):
-    params: Params
-    posterior: Posterior  # unweighted, at `params`
+    candidate: Params  # the next parameters, objective not evaluated yet
+    params: Params  # the last parameters whose objective is known and finite
     objective: Array  # at `params`
-    n_iter: Array
+    state_mass: Array | None  # posterior mass of each state at `params`
+    step: Array  # number of EM iterations evaluated so far
     status: Array
     history: Array
 
@@ -217,9 +232,10 @@ def fit_em(
       max_iter: maximum number of iterations (a Python int; ``0`` returns ``params``).
       tol: convergence threshold on the change of the mean objective. ``0`` runs
         exactly ``max_iter`` iterations.
-      callback: optional ``callback(iteration, objective)`` called on the host after
-        every iteration through ``jax.debug.callback`` (progress display). ``None``
-        adds nothing to the compiled program.
+      callback: optional ``callback(iteration, objective)`` called on the host through
+        ``jax.debug.callback`` with the objective after each iteration (``iteration``
+        0 is the initial parameters), for progress displays. ``None`` adds nothing to
+        the compiled program.
 
     Returns:
       An :class:`EMResult`.
@@ -242,66 +258,72 @@ def fit_em(
     max_iter = check_positive_int(max_iter, "max_iter", minimum=0)
     check_nonnegative(tol, "tol")
     total_weight = weights.sum()
+    iterate = functools.partial(_em_iteration, model, x=x, weights=weights, total_weight=total_weight)
+    _, objective_shape, mass_shape = jax.eval_shape(iterate, params)
+    tol = jnp.asarray(tol, objective_shape.dtype)
 
-    posterior, log_likelihood = e_step(model, params, x)
-    objective = _objective(model, params, log_likelihood, weights, total_weight)
-    tol = jnp.asarray(tol, objective.dtype)
-    start_finite = jnp.isfinite(objective) & tree_all_finite(params)
-    state = _EMState(
-        params=params,
-        posterior=posterior,
-        objective=objective,
-        n_iter=jnp.zeros((), jnp.int32),
-        status=jnp.where(start_finite, _RUNNING, Status.NONFINITE).astype(jnp.int32),
-        history=jnp.full((max_iter,), jnp.nan, objective.dtype),
-    )
-
-    def keep_going(state: _EMState) -> Array:
-        return (state.status == _RUNNING) & (state.n_iter < max_iter)
-
+    # One evaluation of `iterate` per pass: the E-step at the candidate gives its
+    # objective (and so the verdict on the previous iteration), the M-step the next
+    # candidate. A fit of n iterations evaluates n + 1 candidates; the M-step of the
+    # last is discarded, which keeps a single copy of the E- and M-steps in the program.
     def iteration(state: _EMState) -> _EMState:
-        new_params = model.m_step(x, _weighted_posterior(state.posterior, weights), state.params)
-        new_posterior, new_log_likelihood = e_step(model, new_params, x)
-        new_objective = _objective(model, new_params, new_log_likelihood, weights, total_weight)
-        finite = jnp.isfinite(new_objective) & tree_all_finite(new_params)
-        converged = finite & (jnp.abs(new_objective - state.objective) < tol)
-        status = jnp.where(finite, jnp.where(converged, Status.CONVERGED, _RUNNING), Status.NONFINITE)
+        step = state.step
+        candidate, objective, state_mass = iterate(state.candidate)
+        finite = jnp.isfinite(objective) & tree_all_finite(state.candidate)
+        converged = finite & (step > 0) & (jnp.abs(objective - state.objective) < tol)
+        status = jnp.where(
+            finite,
+            jnp.where(converged, Status.CONVERGED, jnp.where(step >= max_iter, Status.MAX_ITER, _RUNNING)),
+            Status.NONFINITE,
+        )
+        history = state.history
+        if max_iter > 0:  # history[i] is the objective after iteration i + 1
+            history = history.at[jnp.where(step > 0, step - 1, max_iter)].set(objective, mode="drop")
         if callback is not None:
-            jax.debug.callback(callback, state.n_iter + 1, new_objective)
+            jax.debug.callback(callback, step, objective)
         return _EMState(
-            params=tree_select(finite, new_params, state.params),
-            posterior=tree_select(finite, new_posterior, state.posterior),
-            objective=jnp.where(finite, new_objective, state.objective),
-            n_iter=state.n_iter + 1,
+            candidate=candidate,
+            params=tree_select(finite, state.candidate, state.params),
+            objective=jnp.where(finite, objective, state.objective),
+            state_mass=tree_select(finite, state_mass, state.state_mass),
+            step=step + 1,
             status=status.astype(jnp.int32),
-            history=state.history.at[state.n_iter].set(new_objective),
+            history=history,
         )
 
-    if max_iter > 0:  # with max_iter = 0 the body (which writes history) is not even traced
-        state = jax.lax.while_loop(keep_going, iteration, state)
-    status = jnp.where(state.status == _RUNNING, Status.MAX_ITER, state.status)
-    if model.posterior is None:
-        status = jnp.where(
-            (status != Status.NONFINITE) & _has_empty_state(state.posterior, weights, total_weight),
-            Status.EMPTY_COMPONENT,
-            status,
-        )
-    converged = (state.status == Status.CONVERGED) & (status != Status.NONFINITE)
+    state = _EMState(
+        candidate=params,
+        params=params,
+        objective=jnp.full((), jnp.nan, objective_shape.dtype),
+        state_mass=None if mass_shape is None else jnp.zeros(mass_shape.shape, mass_shape.dtype),
+        step=jnp.zeros((), jnp.int32),
+        status=jnp.asarray(_RUNNING, jnp.int32),
+        history=jnp.full((max_iter,), jnp.nan, objective_shape.dtype),
+    )
+    state = jax.lax.while_loop(lambda state: state.status == _RUNNING, iteration, state)
+    converged = state.status == Status.CONVERGED
+    status = state.status
+    if state.state_mass is not None:
+        empty = _any_empty_state(state.state_mass, total_weight)
+        status = jnp.where((status != Status.NONFINITE) & empty, Status.EMPTY_COMPONENT, status)
     return EMResult(
         params=state.params,
         log_likelihood=state.objective,
-        n_iter=state.n_iter,
+        n_iter=state.step - 1,
         converged=converged,
         status=status.astype(jnp.int32),
         history=state.history,
     )
 
 
-def _has_empty_state(responsibilities: Array, weights: Array, total_weight: Array) -> Array:
+def _any_empty_state(state_mass: Array, total_weight: Array) -> Array:
     """A state is empty when its posterior mass is below round-off of the total weight."""
-    mass = _weighted_posterior(responsibilities, weights).sum(axis=0)
-    eps = jnp.finfo(mass.dtype).eps
-    return jnp.any(mass <= eps * total_weight.astype(mass.dtype))
+    return jnp.any(state_mass <= jnp.finfo(state_mass.dtype).eps * total_weight.astype(state_mass.dtype))
+
+
+def _has_empty_state(responsibilities: Array, weights: Array, total_weight: Array) -> Array:
+    """``_any_empty_state`` from unweighted responsibilities."""
+    return _any_empty_state(_weighted_posterior(responsibilities, weights).sum(axis=0), total_weight)
 
 
 # ---------------------------------------------------------------------------
@@ -389,9 +411,17 @@ def _fit_compiled(
 
 
 def best_restart(results: EMResult) -> EMResult:
-    """The member of a batch of restarts (leading axis) with the highest finite objective."""
+    """The member of a batch of restarts (leading axis) with the highest finite objective.
+
+    Objectives equal to within round-off are ties (restarts that found the same optimum,
+    often with the components in another order), resolved in favour of the first
+    restart, so the choice does not depend on last-bit differences between a batched
+    and an unbatched run.
+    """
     scores = jnp.where(jnp.isfinite(results.log_likelihood), results.log_likelihood, -jnp.inf)
-    best = jnp.argmax(scores)
+    best_score = jnp.max(scores)
+    tolerance = 64 * jnp.finfo(scores.dtype).eps * jnp.maximum(jnp.abs(best_score), 1)
+    best = jnp.argmax(scores >= best_score - tolerance)
     return jax.tree_util.tree_map(lambda leaf: leaf[best], results)
 
 

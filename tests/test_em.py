@@ -232,6 +232,11 @@ def test_best_restart_never_picks_nan():
         history=jnp.zeros((4, 1)),
     )
     assert float(lem._em.best_restart(results).params) == 2.0
+    # Objectives equal to round-off are ties, resolved in favour of the first restart.
+    nearly = jnp.array([-2.0, -2.0 + 8 * jnp.finfo(scores.dtype).eps, -5.0, -2.0])
+    assert float(lem._em.best_restart(results._replace(log_likelihood=nearly)).params) == 0.0
+    apart = jnp.array([-2.0, -1.999, -5.0, -2.0])
+    assert float(lem._em.best_restart(results._replace(log_likelihood=apart)).params) == 1.0
 
 
 # ---------------------------------------------------------------------------

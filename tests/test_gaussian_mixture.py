@@ -334,5 +334,5 @@ def test_no_samples_by_components_by_features_squared_array():
         jax.random.key(0), jnp.ones((n, d))
     )
     sizes = [int(np.prod(aval.shape)) for aval in _all_avals(jaxpr) if hasattr(aval, "shape")]
-    assert max(sizes) >= n * k * d  # the (n, k, d) intermediates are there: the walk sees inside the loop
+    assert max(sizes) >= 2 * n * k  # the walk sees the restarts' responsibilities inside the loop
     assert max(sizes) < n * k * d * d, max(sizes)
