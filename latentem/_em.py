@@ -374,7 +374,7 @@ def fit(
       >>> x = lem.datasets.load_faithful()
       >>> result = lem.fit(lem.gaussian_mixture(2), jax.random.key(0), x, n_init=3)
       >>> int(result.status) == lem.Status.CONVERGED, round(float(result.log_likelihood), 2)
-      (True, -4.58)
+      (True, -4.16)
     """
     x, weights = _prepare(x, weights)
     n_init = check_positive_int(n_init, "n_init")

@@ -76,81 +76,6 @@ def test_em_step_is_one_iteration_of_fit_em(dtype, datasets):
     assert float(result.log_likelihood) >= float(objective_before)
 
 
-def test_max_iter_status_and_zero_iterations(dtype, datasets):
-    x = jnp.asarray(datasets[2], dtype)
-    params = start_params(x, dtype)
-    result = compiled_fit_em(MODEL, 3)(params, x, tol=0.0)
-    assert (
-        int(result.status) == lem.Status.MAX_ITER and not bool(result.converged) and int(result.n_iter) == 3
-    )
-    untouched = compiled_fit_em(MODEL, 0)(params, x)
-    assert_trees_equal(untouched.params, params)
-    assert int(untouched.n_iter) == 0 and untouched.history.shape == (0,)
-    assert int(untouched.status) == lem.Status.MAX_ITER
-    with pytest.warns(lem.ConvergenceWarning, match="max_iter=3"):
-        lem.fit(MODEL, jax.random.key(0), x, max_iter=3, tol=0.0)
-
-
-def test_resuming_equals_one_longer_fit(dtype, datasets):
-    x = jnp.asarray(datasets[3], dtype)
-    params = start_params(x, dtype)
-    both = compiled_fit_em(MODEL, 7)(params, x, tol=0.0)
-    first = compiled_fit_em(MODEL, 3)(params, x, tol=0.0)
-    resumed = compiled_fit_em(MODEL, 4)(first.params, x, tol=0.0)
-    assert_trees_equal(resumed.params, both.params)
-    np.testing.assert_array_equal(np.concatenate([first.history, resumed.history]), both.history)
-
-
-class CountingParams(NamedTuple):
-    mixture: lem.GaussianMixtureParams
-    step: jax.Array
-
-
-def broken_at_third_m_step():
-    """A custom model whose M-step returns NaN parameters at its third call."""
-
-    def init(key, x, weights):
-        return CountingParams(MODEL.init(key, x, weights), jnp.zeros((), jnp.int32))
-
-    def log_joint(params, x):
-        return MODEL.log_joint(params.mixture, x)
-
-    def m_step(x, posterior, params):
-        mixture = MODEL.m_step(x, posterior, params.mixture)
-        poison = jnp.where(params.step == 2, jnp.nan, 0.0).astype(mixture.means.dtype)
-        return CountingParams(mixture._replace(means=mixture.means + poison), params.step + 1)
-
-    return lem.LatentModel(init=init, log_joint=log_joint, m_step=m_step)
-
-
-def test_nan_from_m_step_stops_with_last_finite_params(dtype, datasets):
-    model = broken_at_third_m_step()
-    x = jnp.asarray(datasets[4], dtype)
-    params = model.init(jax.random.key(0), x, jnp.ones(x.shape[0], dtype))
-    result = jax.jit(functools.partial(lem.fit_em, model, max_iter=20))(params, x, tol=0.0)
-    assert int(result.status) == lem.Status.NONFINITE and not bool(result.converged)
-    assert int(result.n_iter) == 3
-    two_steps = compiled_fit_em(MODEL, 2)(params.mixture, x, tol=0.0)
-    assert_trees_equal(result.params.mixture, two_steps.params)
-    assert int(result.params.step) == 2
-    assert float(result.log_likelihood) == float(two_steps.log_likelihood)
-    assert np.isnan(result.history[2]) and np.all(np.isfinite(result.history[:2]))
-
-
-def test_nan_data_under_jit_is_nonfinite_and_never_converged(dtype, datasets):
-    x = jnp.asarray(datasets[5], dtype).at[7, 1].set(jnp.nan)
-    params = start_params(datasets[5], dtype)
-    result = compiled_fit_em(MODEL)(params, x)
-    assert int(result.status) == lem.Status.NONFINITE and not bool(result.converged)
-    assert int(result.n_iter) == 0
-    assert_trees_equal(result.params, params)
-    with pytest.raises(ValueError, match=r"rows?.*: 7"):
-        lem.fit(MODEL, jax.random.key(0), x)
-    jitted_fit = jax.jit(lambda key, x: lem.fit(MODEL, key, x, n_init=2))
-    restarted = jitted_fit(jax.random.key(0), x)
-    assert int(restarted.status) == lem.Status.NONFINITE and not bool(restarted.converged)
-
-
 def test_nan_dataset_leaves_rest_of_batch_bitwise_equal(dtype, datasets):
     xs = jnp.asarray(datasets[:4], dtype)
     params = jax.vmap(lambda x: start_params(x, dtype))(xs)
@@ -209,16 +134,6 @@ def test_eager_equals_jit(dtype, datasets):
     eager = lem.fit_em(MODEL, params, x, max_iter=5, tol=0.0)
     jitted = compiled_fit_em(MODEL, 5)(params, x, tol=0.0)
     assert_trees_all_close(eager, jitted, rtol=tight(dtype, 1e-10, 1e-5), atol=1e-6)
-
-
-def test_same_key_same_result_and_restarts_differ(dtype, datasets):
-    x = jnp.asarray(datasets[7], dtype)
-    first = lem.fit(MODEL, jax.random.key(3), x, n_init=3)
-    second = lem.fit(MODEL, jax.random.key(3), x, n_init=3)
-    assert_trees_equal(first, second)
-    keys = jax.random.split(jax.random.key(3), 3)
-    inits = [MODEL.init(k, x, jnp.ones(x.shape[0], dtype)).means for k in keys]
-    assert not np.array_equal(inits[0], inits[1]) and not np.array_equal(inits[1], inits[2])
 
 
 def test_best_restart_never_picks_nan():
@@ -281,54 +196,6 @@ def test_integer_weight_equals_repetition(dtype, datasets):
     rtol = tight(dtype, 1e-9, 1e-4)
     assert_trees_all_close(weighted.params, repeated.params, rtol=rtol, atol=rtol)
     np.testing.assert_allclose(weighted.log_likelihood, repeated.log_likelihood, rtol=rtol)
-
-
-def test_invalid_weights_and_arguments_raise():
-    x = blobs(0, n_per_cluster=10)
-    with pytest.raises(ValueError, match="non-negative"):
-        lem.fit(MODEL, jax.random.key(0), x, weights=-np.ones(30))
-    with pytest.raises(ValueError, match="all zero"):
-        lem.fit(MODEL, jax.random.key(0), x, weights=np.zeros(30))
-    with pytest.raises(ValueError, match=r"shape \(n_samples,\) = \(30,\)"):
-        lem.fit(MODEL, jax.random.key(0), x, weights=np.ones(29))
-    with pytest.raises(ValueError, match="reshape"):
-        lem.fit(MODEL, jax.random.key(0), x[:, 0])
-    with pytest.raises(ValueError, match="2-D"):
-        lem.fit(MODEL, jax.random.key(0), x[None])
-    with pytest.raises(ValueError, match="n_init"):
-        lem.fit(MODEL, jax.random.key(0), x, n_init=0)
-    with pytest.raises(ValueError, match="max_iter"):
-        lem.fit(MODEL, jax.random.key(0), x, max_iter=-1)
-    with pytest.raises(ValueError, match="tol"):
-        lem.fit(MODEL, jax.random.key(0), x, tol=-1.0)
-    with pytest.raises(ValueError, match="3 components"):
-        lem.fit(MODEL, jax.random.key(0), x, weights=np.r_[np.ones(2), np.zeros(28)])
-    with pytest.raises(ValueError, match="features"):
-        lem.predict(MODEL, lem.fit(MODEL, jax.random.key(0), x).params, np.ones((4, 3)))
-
-
-def test_inputs_are_not_mutated(datasets):
-    x = datasets[0].copy()
-    weights = np.ones(x.shape[0])
-    lem.fit(MODEL, jax.random.key(0), x, weights=weights)
-    np.testing.assert_array_equal(x, datasets[0])
-    np.testing.assert_array_equal(weights, np.ones(x.shape[0]))
-
-
-def test_empty_component_is_reported(dtype):
-    """Five distinct points, duplicated, and six components: some must end empty."""
-    x = jnp.asarray(np.repeat(np.arange(5.0)[:, None] * np.array([[1.0, 2.0]]), 4, axis=0), dtype)
-    model = lem.gaussian_mixture(6, "diag")
-    with pytest.warns(lem.ConvergenceWarning, match="EMPTY_COMPONENT"):
-        result = lem.fit(model, jax.random.key(0), x)
-    assert int(result.status) == lem.Status.EMPTY_COMPONENT
-    assert lem._base.tree_all_finite(result.params)
-    assert float(jnp.min(result.params.weights)) < 1e-6
-
-
-# ---------------------------------------------------------------------------
-# A custom model: the README's Poisson mixture, with and without a prior
-# ---------------------------------------------------------------------------
 
 
 class PoissonParams(NamedTuple):

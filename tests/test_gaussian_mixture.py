@@ -336,3 +336,23 @@ def test_no_samples_by_components_by_features_squared_array():
     sizes = [int(np.prod(aval.shape)) for aval in _all_avals(jaxpr) if hasattr(aval, "shape")]
     assert max(sizes) >= 2 * n * k  # the walk sees the restarts' responsibilities inside the loop
     assert max(sizes) < n * k * d * d, max(sizes)
+
+
+def test_rank_deficient_component_far_from_centre_stays_positive_definite(dtype):
+    """Six points in 32 dimensions, far from the rest: their covariance has rank 5, and
+    only the regulariser keeps it definite. Rounding must not break that in float32."""
+    rng = np.random.default_rng(8)
+    bulk = rng.standard_normal((2000, 32))
+    outliers = 8.0 * rng.standard_normal(32) / np.sqrt(32) * 4 + 0.3 * rng.standard_normal((6, 32))
+    x = jnp.asarray(np.concatenate([bulk, outliers]), dtype)
+    labels = np.r_[np.zeros(2000, int), np.ones(6, int)]
+    responsibilities = jax.nn.one_hot(jnp.asarray(labels), 2, dtype=dtype)
+    model = lem.gaussian_mixture(2, "full")
+    start = model.init(jax.random.key(0), x, jnp.ones(x.shape[0], dtype))
+    params = model.m_step(x, responsibilities, start)
+    eigenvalues = np.linalg.eigvalsh(np.asarray(params.covariances[1], np.float64))
+    assert eigenvalues.min() > 0
+    assert np.all(np.isfinite(np.asarray(model.log_joint(params, x))))
+    # The regulariser (1e-6 x variance) plus the round-off floor: nothing larger was added.
+    variance = np.asarray(x, np.float64).var(axis=0).mean()
+    assert eigenvalues.min() < 1e-6 * variance + 64 * np.finfo(dtype).eps * eigenvalues.sum()

@@ -82,55 +82,23 @@ class GaussianMixtureUnconstrained(NamedTuple):
 
 
 # ---------------------------------------------------------------------------
-# Sufficient statistics
+# Chunks of rows
 #
-# With data centred at a reference point c (the mixture mean of the current
-# parameters, which lies inside the data), the log density is linear in the features
-#
-#     phi(x) = [1, x - c, q(x - c)],
-#
-# where q is the upper triangle of (x - c)(x - c)^T for full and tied covariances, its
-# diagonal for diag and its trace for spherical ones. So the E-step is one product
-# phi(X) @ coefficients, shape (n, k), and the M-step one product R^T phi(X), shape
-# (k, width): two matrix products per iteration, using the symmetry of the quadratic
-# form, and nothing of size n * k * d. Centring at c keeps the cancellation in
-# x'Px - 2 mu'Px + mu'P mu (and in E[xx'] - mu mu') to round-off times the squared
-# spread of the data over the component widths; the relative regulariser
-# (1e-6 x variance, above float32's epsilon) absorbs it.
-#
-# Large inputs are processed in chunks of rows (a loop inside the compiled program) so
-# that the feature block never exceeds _CHUNK_ELEMENTS: memory stays linear in n with
-# a small constant, as the engine's contract asks.
+# The largest intermediates are (n_samples, n_components, n_features) blocks (the data
+# projected by every component's precision factor, and deviations from every mean).
+# Above _CHUNK_ELEMENTS they are formed a block of rows at a time, in a loop inside the
+# compiled program, so memory stays linear in n_samples with a small constant and, on
+# a CPU, the blocks stay in cache.
 # ---------------------------------------------------------------------------
 
-_CHUNK_ELEMENTS = 1 << 21
+_CHUNK_ELEMENTS = {"cpu": 1 << 20}
+_DEFAULT_CHUNK_ELEMENTS = 1 << 27  # accelerators: few, large blocks keep the device busy
 
 
-def _quadratic_width(n_features: int, covariance_type: str) -> int:
-    if covariance_type in ("full", "tied"):
-        return n_features * (n_features + 1) // 2
-    return n_features if covariance_type == "diag" else 1
-
-
-def _quadratic_features(centred: Array, covariance_type: str) -> Array:
-    """q(x - c): the products the quadratic form of each covariance type needs."""
-    if covariance_type in ("full", "tied"):
-        rows, cols = np.triu_indices(centred.shape[1])
-        return centred[:, rows] * centred[:, cols]
-    if covariance_type == "diag":
-        return jnp.square(centred)
-    return jnp.sum(jnp.square(centred), axis=1, keepdims=True)
-
-
-def _features(x: Array, reference: Array, covariance_type: str) -> Array:
-    """phi(x) = [1, x - c, q(x - c)], shape ``(n, 1 + d + quadratic width)``."""
-    centred = x - reference[None, :]
-    ones = jnp.ones((x.shape[0], 1), centred.dtype)
-    return jnp.concatenate([ones, centred, _quadratic_features(centred, covariance_type)], axis=1)
-
-
-def _chunk_size(n_rows: int, width: int) -> int:
-    return n_rows if n_rows * width <= _CHUNK_ELEMENTS else max(8, _CHUNK_ELEMENTS // width)
+def _chunk_size(n_rows: int, elements_per_row: int) -> int:
+    """Rows per chunk so that a block holds at most the backend's chunk budget."""
+    budget = _CHUNK_ELEMENTS.get(jax.default_backend(), _DEFAULT_CHUNK_ELEMENTS)
+    return n_rows if n_rows * elements_per_row <= budget else max(8, budget // elements_per_row)
 
 
 def _map_row_chunks(fn, x: Array, chunk: int) -> Array:
@@ -143,17 +111,15 @@ def _map_row_chunks(fn, x: Array, chunk: int) -> Array:
     def one_chunk(i: Array, out: Array) -> Array:
         # The last chunk is shifted back to end at n_rows; rows it repeats get the same values.
         start = jnp.minimum(i * chunk, n_rows - chunk)
-        return jax.lax.dynamic_update_slice_in_dim(
-            out, fn(jax.lax.dynamic_slice_in_dim(x, start, chunk)), start, 0
-        )
+        rows = jax.lax.dynamic_slice_in_dim(x, start, chunk)
+        return jax.lax.dynamic_update_slice_in_dim(out, fn(rows), start, 0)
 
     initial = jnp.zeros((n_rows, *output.shape[1:]), output.dtype)
     return jax.lax.fori_loop(0, -(-n_rows // chunk), one_chunk, initial)
 
 
 def _sum_row_chunks(fn, x: Array, responsibilities: Array, chunk: int):
-    """``fn(x, responsibilities)`` for a ``fn`` linear in the responsibilities (a sum over rows),
-    accumulated ``chunk`` rows at a time."""
+    """``fn(x, responsibilities)`` for an ``fn`` that sums over rows, ``chunk`` rows at a time."""
     n_rows = x.shape[0]
     if chunk >= n_rows:
         return fn(x, responsibilities)
@@ -167,10 +133,8 @@ def _sum_row_chunks(fn, x: Array, responsibilities: Array, chunk: int):
         value = fn(jax.lax.dynamic_slice_in_dim(x, start, chunk), part)
         return jax.tree_util.tree_map(jnp.add, total, value)
 
-    initial = jax.tree_util.tree_map(
-        lambda leaf: jnp.zeros(leaf.shape, leaf.dtype),
-        jax.eval_shape(fn, x[:chunk], responsibilities[:chunk]),
-    )
+    shapes = jax.eval_shape(fn, x[:chunk], responsibilities[:chunk])
+    initial = jax.tree_util.tree_map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), shapes)
     return jax.lax.fori_loop(0, -(-n_rows // chunk), one_chunk, initial)
 
 
@@ -196,40 +160,49 @@ def precision_cholesky(covariances: Array, covariance_type: str) -> Array:
     return jax.lax.rsqrt(covariances)
 
 
-def _log_density_coefficients(params: GaussianMixtureParams, reference: Array, covariance_type: str) -> Array:
-    """Coefficients ``a`` with ``log pi_k N(x | mu_k, Sigma_k) = phi(x) @ a[:, k]``."""
-    weights, means, covariances = params
+def _log_gaussian_density(x: Array, params: GaussianMixtureParams, covariance_type: str) -> Array:
+    """``log N(x_n | mu_k, Sigma_k)``, shape ``(n_samples, n_components)``.
+
+    Mahalanobis distances are sums of squares of whitened deviations, as in
+    scikit-learn. Data and means are first shifted by the mixture mean (a point inside
+    the data), so that float32 data far from the origin keep their precision.
+    """
+    means = params.means
     n_components, n_features = means.shape
-    factor = precision_cholesky(covariances, covariance_type)
+    reference = params.weights @ means
     centred_means = means - reference[None, :]
-    if covariance_type in ("full", "tied"):
-        precisions = factor @ jnp.swapaxes(factor, -1, -2)
-        precisions = jnp.broadcast_to(precisions, (n_components, n_features, n_features))
-        log_det = jnp.sum(jnp.log(jnp.diagonal(factor, axis1=-2, axis2=-1)), axis=-1)
-        log_det = jnp.broadcast_to(log_det, (n_components,))
-        rows, cols = np.triu_indices(n_features)
-        # Off-diagonal products appear once in q(x): count them twice.
-        quadratic = (
-            -0.5 * precisions[:, rows, cols] * jnp.asarray(np.where(rows == cols, 1, 2), means.dtype)[None, :]
-        )
-        linear = jnp.einsum("kij,kj->ki", precisions, centred_means)
+    factor = precision_cholesky(params.covariances, covariance_type)
+    if covariance_type == "full":
+        # One (c, d) @ (d, k d) product per chunk projects the rows for every component.
+        stacked = jnp.transpose(factor, (1, 0, 2)).reshape(n_features, n_components * n_features)
+        projected_means = jnp.einsum("kd,kde->ke", centred_means, factor)
+
+        def mahalanobis(rows: Array) -> Array:
+            projected = ((rows - reference[None, :]) @ stacked).reshape(
+                rows.shape[0], n_components, n_features
+            )
+            return jnp.sum(jnp.square(projected - projected_means[None, :, :]), axis=2)
+
+        log_det = jnp.sum(jnp.log(jnp.diagonal(factor, axis1=1, axis2=2)), axis=1)
+    elif covariance_type == "tied":
+        projected_means = centred_means @ factor
+
+        def mahalanobis(rows: Array) -> Array:
+            projected = (rows - reference[None, :]) @ factor
+            return jnp.sum(jnp.square(projected[:, None, :] - projected_means[None, :, :]), axis=2)
+
+        log_det = jnp.broadcast_to(jnp.sum(jnp.log(jnp.diagonal(factor))), (n_components,))
     else:
-        precisions = jnp.square(factor)  # (k, d) or (k,)
-        if covariance_type == "diag":
-            log_det = jnp.sum(jnp.log(factor), axis=1)
-            quadratic = -0.5 * precisions
-            linear = precisions * centred_means
-        else:
-            log_det = n_features * jnp.log(factor)
-            quadratic = -0.5 * precisions[:, None]
-            linear = precisions[:, None] * centred_means
-    constant = (
-        jnp.log(weights)
-        + log_det
-        - 0.5 * n_features * math.log(2 * math.pi)
-        - 0.5 * jnp.sum(linear * centred_means, axis=1)
-    )
-    return jnp.concatenate([constant[:, None], linear, quadratic], axis=1).T
+        # Elementwise differences reduced over features: XLA fuses them into one loop.
+        scale = factor if covariance_type == "diag" else jnp.broadcast_to(factor[:, None], means.shape)
+
+        def mahalanobis(rows: Array) -> Array:
+            deviations = (rows - reference[None, :])[:, None, :] - centred_means[None, :, :]
+            return jnp.sum(jnp.square(deviations * scale[None, :, :]), axis=2)
+
+        log_det = jnp.sum(jnp.log(scale), axis=1)
+    distances = _map_row_chunks(mahalanobis, x, _chunk_size(x.shape[0], n_components * n_features))
+    return -0.5 * (n_features * math.log(2 * math.pi) + distances) + log_det[None, :]
 
 
 # ---------------------------------------------------------------------------
@@ -242,30 +215,24 @@ def _first_weighted_row(x: Array, sample_weights: Array) -> Array:
     return x[jnp.argmax(sample_weights > 0)]
 
 
-def _positive_variances(variances: Array, second_moments: Array) -> Array:
-    """Variances with (numerically) constant features replaced by a positive fallback.
+def feature_variances(x: Array, sample_weights: Array) -> Array:
+    """Weighted variance of each feature, shape ``(n_features,)``.
 
-    A variance below round-off of the feature's second moment about the reference is a
-    constant feature; it gets the mean variance of the other features (or 1 if every
-    feature is constant), so that a regulariser proportional to it stays positive.
+    A constant feature (variance exactly zero: the shift is a data row, so its centred
+    column is exactly zero) gets the mean variance of the other features instead, or 1
+    when every feature is constant, so that a regulariser proportional to it stays
+    positive.
     """
-    eps = jnp.finfo(variances.dtype).eps
-    positive = variances > 16 * eps * second_moments
+    centred = x - _first_weighted_row(x, sample_weights)[None, :]
+    total = sample_weights.sum()
+    mean = (sample_weights @ centred) / total
+    variances = (sample_weights @ jnp.square(centred - mean[None, :])) / total
+    positive = variances > 0
     n_positive = jnp.sum(positive).astype(variances.dtype)
     fallback = jnp.where(
         n_positive > 0, jnp.sum(jnp.where(positive, variances, 0)) / jnp.maximum(n_positive, 1), 1
     )
     return jnp.where(positive, variances, fallback)
-
-
-def feature_variances(x: Array, sample_weights: Array) -> Array:
-    """Weighted variance of each feature, shape ``(n_features,)``, constant ones replaced
-    as in ``_positive_variances``."""
-    centred = x - _first_weighted_row(x, sample_weights)[None, :]
-    total = sample_weights.sum()
-    mean = (sample_weights @ centred) / total
-    second = (sample_weights @ jnp.square(centred)) / total
-    return _positive_variances(jnp.maximum(second - jnp.square(mean), 0), second)
 
 
 def _covariances_from_variances(variances: Array, n_components: int, covariance_type: str) -> Array:
@@ -279,13 +246,34 @@ def _covariances_from_variances(variances: Array, n_components: int, covariance_
     return jnp.broadcast_to(jnp.mean(variances), (n_components,))
 
 
-def _unpack_symmetric(packed: Array, n_features: int) -> Array:
-    """Symmetric matrices from their packed upper triangles, ``(..., D) -> (..., d, d)``."""
-    rows, cols = np.triu_indices(n_features)
-    index = np.zeros((n_features, n_features), dtype=np.int32)
-    index[rows, cols] = np.arange(rows.size)
-    index[cols, rows] = np.arange(rows.size)
-    return packed[..., index]
+def _scatter(x: Array, responsibilities: Array, centred_means: Array, reference: Array, covariance_type: str):
+    """Weighted scatter about the new means: sum_n r_nk (x_n - mu_k)(x_n - mu_k)^T, or its
+    diagonal for diag and spherical covariances, from explicit deviations (two passes, as
+    scikit-learn), so that it is positive semi-definite to round-off."""
+    n_components, n_features = centred_means.shape
+
+    def scatter(rows: Array, weights: Array) -> Array:
+        deviations = (rows - reference[None, :])[None, :, :] - centred_means[:, None, :]  # (k, c, d)
+        weighted = weights.T[:, :, None] * deviations
+        if covariance_type == "full":
+            return jnp.einsum("kni,knj->kij", weighted, deviations)
+        if covariance_type == "tied":
+            return weighted.reshape(-1, n_features).T @ deviations.reshape(-1, n_features)
+        return jnp.sum(weighted * deviations, axis=1)
+
+    return _sum_row_chunks(scatter, x, responsibilities, _chunk_size(x.shape[0], n_components * n_features))
+
+
+def _add_to_diagonal(covariances: Array, amount: Array, covariance_type: str) -> Array:
+    """Add ``amount`` to the diagonal of each covariance; ``amount`` has the shape of a
+    diagonal covariance of the type: (k, d) for full and diag, (d,) tied, (k,) spherical."""
+    if covariance_type == "full":
+        return (
+            covariances + amount[:, :, None] * jnp.eye(covariances.shape[-1], dtype=covariances.dtype)[None]
+        )
+    if covariance_type == "tied":
+        return covariances + jnp.diag(amount)
+    return covariances + amount
 
 
 def _gaussian_m_step(
@@ -299,79 +287,54 @@ def _gaussian_m_step(
     """Weighted maximum-likelihood parameters from weighted responsibilities."""
     dtype = responsibilities.dtype
     x = x.astype(dtype)
-    n_features = params.means.shape[1]
-    reference = (params.weights @ params.means).astype(dtype)
-    tied = covariance_type == "tied"
-    width = 1 + n_features + _quadratic_width(n_features, covariance_type)
-
-    def statistics(x_chunk: Array, responsibilities_chunk: Array) -> tuple[Array, Array]:
-        features = _features(x_chunk, reference, covariance_type)
-        if tied:  # the quadratic part is shared: one weighted sum instead of k
-            per_component = responsibilities_chunk.T @ features[:, : 1 + n_features]
-            return per_component, responsibilities_chunk.sum(axis=1) @ features[:, 1 + n_features :]
-        per_component = responsibilities_chunk.T @ features
-        return per_component, per_component[:, 1 + n_features :].sum(axis=0)
-
-    per_component, shared_quadratic = _sum_row_chunks(
-        statistics, x, responsibilities, _chunk_size(x.shape[0], width)
-    )
-    counts = per_component[:, 0]
-    total = counts.sum()
+    n_features = x.shape[1]
+    sample_weights = responsibilities.sum(axis=1)
+    total = sample_weights.sum()
+    counts = responsibilities.sum(axis=0)  # (k,)
     # A component with (numerically) no mass keeps its parameters: the expected
     # complete-data log-likelihood does not depend on them, so any value maximises it.
     empty = counts <= jnp.finfo(dtype).eps * total
     safe_counts = jnp.where(empty, 1, counts)
-    centred_means = per_component[:, 1 : 1 + n_features] / safe_counts[:, None]
 
-    # Variances of the data about their weighted mean, for the relative regulariser.
-    data_mean = per_component[:, 1 : 1 + n_features].sum(axis=0) / total
-    if covariance_type in ("full", "tied"):
-        second_moments = _unpack_symmetric(shared_quadratic, n_features)
-        data_second = jnp.diagonal(second_moments) / total
-    elif covariance_type == "diag":
-        data_second = shared_quadratic / total
-    else:  # spherical statistics only hold the trace: one variance for all features
-        data_second = jnp.broadcast_to(shared_quadratic / (n_features * total), (n_features,))
-    mean_square = jnp.square(data_mean)
-    if covariance_type == "spherical":
-        mean_square = jnp.broadcast_to(jnp.mean(mean_square), (n_features,))
-    data_variances = _positive_variances(jnp.maximum(data_second - mean_square, 0), data_second)
-
-    outer_means = centred_means[:, :, None] * centred_means[:, None, :]
+    # Shift by the previous mixture mean (inside the data) before forming moments.
+    reference = (params.weights @ params.means).astype(dtype)
+    centred_means = (responsibilities.T @ (x - reference[None, :])) / safe_counts[:, None]
+    scatter = _scatter(x, responsibilities, centred_means, reference, covariance_type)
     if covariance_type == "full":
-        scatter = _unpack_symmetric(per_component[:, 1 + n_features :], n_features)
-        covariances = scatter / safe_counts[:, None, None] - outer_means
+        covariances = scatter / safe_counts[:, None, None]
     elif covariance_type == "tied":
-        covariances = (second_moments - jnp.einsum("k,kij->ij", counts, outer_means)) / total
-    elif covariance_type == "diag":
-        covariances = per_component[:, 1 + n_features :] / safe_counts[:, None] - jnp.square(centred_means)
+        covariances = 0.5 * (scatter + scatter.T) / total
     else:
-        covariances = (
-            per_component[:, -1] / safe_counts - jnp.sum(jnp.square(centred_means), axis=1)
-        ) / n_features
+        covariances = scatter / safe_counts[:, None]
+        if covariance_type == "spherical":
+            covariances = jnp.mean(covariances, axis=1)
+    if covariance_type in ("full", "tied"):
+        covariances = 0.5 * (covariances + jnp.swapaxes(covariances, -1, -2))
 
     if reg_covar_mode == "relative":
-        regulariser = reg_covar * data_variances
+        regulariser = reg_covar * feature_variances(x, sample_weights)
     else:
         regulariser = jnp.full((n_features,), reg_covar, dtype)
+    if covariance_type in ("full", "tied") and reg_covar > 0:
+        # Plus a round-off floor, d * eps * Sigma_jj, on each diagonal entry: a computed
+        # scatter matrix is exact only to that level relative to its diagonal, and in
+        # float32 (eps ~ 1e-7, close to reg_covar = 1e-6) rounding could otherwise make
+        # a nearly singular covariance indefinite. It scales with each feature, so the
+        # fit stays equivariant to units. (Diagonal variances are sums of non-negative
+        # terms and need none; with reg_covar = 0 a singular covariance is reported.)
+        round_off = n_features * jnp.finfo(dtype).eps * jnp.diagonal(covariances, axis1=-2, axis2=-1)
+        regulariser = (regulariser[None, :] if covariance_type == "full" else regulariser) + round_off
+    if covariance_type in ("full", "diag"):
+        regulariser = jnp.broadcast_to(regulariser, (covariances.shape[0], n_features))
+    elif covariance_type == "spherical":
+        regulariser = jnp.mean(regulariser)
     covariances = _add_to_diagonal(covariances, regulariser, covariance_type)
 
     means = jnp.where(empty[:, None], params.means, centred_means + reference[None, :])
-    if not tied:
+    if covariance_type != "tied":
         keep = empty.reshape(empty.shape + (1,) * (covariances.ndim - 1))
         covariances = jnp.where(keep, params.covariances, covariances)
     return GaussianMixtureParams(weights=counts / total, means=means, covariances=covariances)
-
-
-def _add_to_diagonal(covariances: Array, amount: Array, covariance_type: str) -> Array:
-    """Add ``amount`` (one value per feature) to the diagonal of every covariance."""
-    if covariance_type == "full":
-        return covariances + jnp.diag(amount)[None, :, :]
-    if covariance_type == "tied":
-        return covariances + jnp.diag(amount)
-    if covariance_type == "diag":
-        return covariances + amount[None, :]
-    return covariances + jnp.mean(amount)
 
 
 # ---------------------------------------------------------------------------
@@ -477,12 +440,7 @@ def _gaussian_mixture(
     def log_joint(params: GaussianMixtureParams, x: Array) -> Array:
         check_data(x, params)
         x = x.astype(params.means.dtype)
-        reference = params.weights @ params.means
-        coefficients = _log_density_coefficients(params, reference, covariance_type)
-        chunk = _chunk_size(x.shape[0], coefficients.shape[0])
-        return _map_row_chunks(
-            lambda rows: _features(rows, reference, covariance_type) @ coefficients, x, chunk
-        )
+        return _log_gaussian_density(x, params, covariance_type) + jnp.log(params.weights)[None, :]
 
     def m_step(x: Array, responsibilities: Array, params: GaussianMixtureParams) -> GaussianMixtureParams:
         check_data(x, params)
