@@ -253,11 +253,12 @@ def is_concrete(*arrays: Any) -> bool:
 
 
 def float_dtype(x: Array) -> np.dtype:
-    """The floating dtype that computations on ``x`` use: its own if floating."""
-    dtype = jnp.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype
-    if jnp.issubdtype(dtype, jnp.floating):
-        return np.dtype(dtype)
-    return np.dtype(jax.dtypes.canonicalize_dtype(jnp.float64))
+    """The floating dtype that computations on ``x`` use: its own if floating (float64
+    only when JAX has x64 enabled), else JAX's default float."""
+    dtype = x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+        dtype = jnp.float64
+    return np.dtype(jax.dtypes.canonicalize_dtype(dtype))
 
 
 def check_x(x: Any, *, name: str = "x") -> Array:

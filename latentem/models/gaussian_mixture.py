@@ -215,24 +215,36 @@ def _first_weighted_row(x: Array, sample_weights: Array) -> Array:
     return x[jnp.argmax(sample_weights > 0)]
 
 
-def feature_variances(x: Array, sample_weights: Array) -> Array:
-    """Weighted variance of each feature, shape ``(n_features,)``.
+def _is_round_off(variances: Array, second_moments: Array) -> Array:
+    """Variances indistinguishable from zero: below the rounding of their second moments.
 
-    A constant feature (variance exactly zero: the shift is a data row, so its centred
-    column is exactly zero) gets the mean variance of the other features instead, or 1
-    when every feature is constant, so that a regulariser proportional to it stays
-    positive.
+    The variance of identical values, computed about a mean that is itself rounded, is
+    of order ``(eps * |x - c|)^2``; anything below ``16 eps^2`` times the second moment
+    about ``c`` is that, not spread in the data.
     """
+    return variances <= 16 * jnp.square(jnp.finfo(variances.dtype).eps) * second_moments
+
+
+def _regulariser_scale(variances: Array, second_moments: Array) -> Array:
+    """Feature variances for the relative regulariser, constant features replaced by the
+    mean variance of the others (or 1 when every feature is constant), so that the
+    regulariser stays positive."""
+    constant = _is_round_off(variances, second_moments)
+    n_varying = jnp.sum(~constant).astype(variances.dtype)
+    fallback = jnp.where(
+        n_varying > 0, jnp.sum(jnp.where(constant, 0, variances)) / jnp.maximum(n_varying, 1), 1
+    )
+    return jnp.where(constant, fallback, variances)
+
+
+def feature_variances(x: Array, sample_weights: Array) -> Array:
+    """Weighted variance of each feature, shape ``(n_features,)``, constant features
+    replaced as in ``_regulariser_scale``."""
     centred = x - _first_weighted_row(x, sample_weights)[None, :]
     total = sample_weights.sum()
     mean = (sample_weights @ centred) / total
-    variances = (sample_weights @ jnp.square(centred - mean[None, :])) / total
-    positive = variances > 0
-    n_positive = jnp.sum(positive).astype(variances.dtype)
-    fallback = jnp.where(
-        n_positive > 0, jnp.sum(jnp.where(positive, variances, 0)) / jnp.maximum(n_positive, 1), 1
-    )
-    return jnp.where(positive, variances, fallback)
+    second = (sample_weights @ jnp.square(centred)) / total
+    return _regulariser_scale(jnp.maximum(second - jnp.square(mean), 0), second)
 
 
 def _covariances_from_variances(variances: Array, n_components: int, covariance_type: str) -> Array:
@@ -298,21 +310,35 @@ def _gaussian_m_step(
 
     # Shift by the previous mixture mean (inside the data) before forming moments.
     reference = (params.weights @ params.means).astype(dtype)
-    centred_means = (responsibilities.T @ (x - reference[None, :])) / safe_counts[:, None]
+    centred = x - reference[None, :]
+    centred_means = (responsibilities.T @ centred) / safe_counts[:, None]
     scatter = _scatter(x, responsibilities, centred_means, reference, covariance_type)
     if covariance_type == "full":
         covariances = scatter / safe_counts[:, None, None]
     elif covariance_type == "tied":
-        covariances = 0.5 * (scatter + scatter.T) / total
+        covariances = scatter / total
     else:
         covariances = scatter / safe_counts[:, None]
         if covariance_type == "spherical":
             covariances = jnp.mean(covariances, axis=1)
+
+    # The data's own second moments and variances about the reference, per feature.
+    second_moments = (sample_weights @ jnp.square(centred)) / total
+    data_variances = jnp.maximum(second_moments - jnp.square(counts @ centred_means / total), 0)
+    # Variances at round-off level are zero: identical points give an exactly singular
+    # covariance (reported, with reg_covar = 0), not a finite one of size eps^2.
     if covariance_type in ("full", "tied"):
         covariances = 0.5 * (covariances + jnp.swapaxes(covariances, -1, -2))
+        scale = second_moments if covariance_type == "tied" else second_moments[None, :]
+        spread = ~_is_round_off(jnp.diagonal(covariances, axis1=-2, axis2=-1), scale)
+        covariances = covariances * (spread[..., :, None] & spread[..., None, :]).astype(dtype)
+    elif covariance_type == "diag":
+        covariances = jnp.where(_is_round_off(covariances, second_moments[None, :]), 0, covariances)
+    else:
+        covariances = jnp.where(_is_round_off(covariances, jnp.mean(second_moments)), 0, covariances)
 
     if reg_covar_mode == "relative":
-        regulariser = reg_covar * feature_variances(x, sample_weights)
+        regulariser = reg_covar * _regulariser_scale(data_variances, second_moments)
     else:
         regulariser = jnp.full((n_features,), reg_covar, dtype)
     if covariance_type in ("full", "tied") and reg_covar > 0:
@@ -438,15 +464,18 @@ def _gaussian_mixture(
             )
 
     def log_joint(params: GaussianMixtureParams, x: Array) -> Array:
+        x = jnp.asarray(x)
         check_data(x, params)
         x = x.astype(params.means.dtype)
         return _log_gaussian_density(x, params, covariance_type) + jnp.log(params.weights)[None, :]
 
     def m_step(x: Array, responsibilities: Array, params: GaussianMixtureParams) -> GaussianMixtureParams:
+        x, responsibilities = jnp.asarray(x), jnp.asarray(responsibilities)
         check_data(x, params)
         return _gaussian_m_step(x, responsibilities, params, covariance_type, reg_covar, reg_covar_mode)
 
     def initialize(key: PRNGKey, x: Array, weights: Array) -> GaussianMixtureParams:
+        x = jnp.asarray(x)
         check_data(x)
         if x.shape[0] < n_components:
             raise ValueError(
@@ -454,7 +483,7 @@ def _gaussian_mixture(
                 "use at most as many components as samples."
             )
         x = x.astype(float_dtype(x))
-        weights = weights.astype(x.dtype)
+        weights = jnp.asarray(weights).astype(x.dtype)
         if init == "random":
             responsibilities = jax.random.uniform(key, (x.shape[0], n_components), x.dtype)
             responsibilities = responsibilities / responsibilities.sum(axis=1, keepdims=True)

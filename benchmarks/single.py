@@ -1,0 +1,294 @@
+"""Single large fits: latentem vs scikit-learn vs gmmx, per-iteration time, compile time,
+memory at scale, and GPU throughput.
+
+Every library starts from the same initial parameters on the same data and runs a fixed
+number of EM iterations (tol = 0). Per-iteration time is the difference between runs of
+``long`` and ``short`` iterations divided by the difference, so set-up costs (input
+conversion, initialisation, compilation) cancel; each is the best of ``--repeat`` runs.
+
+    python benchmarks/single.py                 # CPU table, float32 and float64
+    python benchmarks/single.py --quick         # small sizes, a smoke run
+    python benchmarks/single.py --memory        # the (1e6, 32, 64) float32 memory check
+    python benchmarks/single.py --gpu           # GPU per-iteration times and FLOP/s
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+
+
+def make_data(n_samples: int, n_features: int, n_components: int, seed: int = 0):
+    """Data from a random Gaussian mixture and initial parameters shared by all libraries."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 4, (n_components, n_features))
+    labels = rng.integers(0, n_components, n_samples)
+    x = centres[labels] + rng.standard_normal((n_samples, n_features))
+    weights = np.full(n_components, 1 / n_components)
+    means = x[rng.choice(n_samples, n_components, replace=False)]
+    covariances = np.broadcast_to(np.cov(x.T) + 1e-3 * np.eye(n_features), (n_components, n_features, n_features))
+    return x, weights, means, np.ascontiguousarray(covariances)
+
+
+def best_time(run, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def per_iteration(run_with_iterations, short: int, long: int, repeat: int) -> float:
+    run_with_iterations(short)  # warm-up (compilation for the JAX libraries)
+    run_with_iterations(long)
+    return (best_time(lambda: run_with_iterations(long), repeat) - best_time(lambda: run_with_iterations(short), repeat)) / (
+        long - short
+    )
+
+
+def time_latentem(x, weights, means, covariances, dtype, short, long, repeat):
+    import jax
+    import jax.numpy as jnp
+
+    import latentem as lem
+
+    model = lem.gaussian_mixture(means.shape[0], "full", reg_covar=1e-6, reg_covar_mode="absolute")
+    xj = jnp.asarray(x, dtype)
+    params = lem.GaussianMixtureParams(*(jnp.asarray(a, dtype) for a in (weights, means, covariances)))
+    compiled = {m: jax.jit(functools.partial(lem.fit_em, model, max_iter=m, tol=0.0)) for m in (short, long)}
+
+    def run(iterations):
+        result = compiled[iterations](params, xj)
+        result.log_likelihood.block_until_ready()
+        return result
+
+    seconds = per_iteration(run, short, long, repeat)
+    return seconds, float(run(long).log_likelihood)
+
+
+def time_sklearn(x, weights, means, covariances, dtype, short, long, repeat):
+    from sklearn.mixture import GaussianMixture
+
+    xs = np.asarray(x, dtype)
+    precisions = np.linalg.inv(covariances)
+
+    def run(iterations):
+        gm = GaussianMixture(
+            means.shape[0],
+            covariance_type="full",
+            tol=0.0,
+            max_iter=iterations,
+            init_params="random_from_data",
+            weights_init=weights,
+            means_init=means,
+            precisions_init=precisions,
+            reg_covar=1e-6,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return gm.fit(xs)
+
+    seconds = per_iteration(run, short, long, repeat)
+    return seconds, float(run(long).score(xs))
+
+
+def time_gmmx(x, weights, means, covariances, dtype, short, long, repeat):
+    try:
+        import jax.numpy as jnp
+        from gmmx import EMFitter, GaussianMixtureModelJax
+    except ImportError:
+        return None, None
+    xj = jnp.asarray(x, dtype)
+    gmm = GaussianMixtureModelJax.from_squeezed(
+        means=jnp.asarray(means, dtype),
+        covariances=jnp.asarray(covariances, dtype),
+        weights=jnp.asarray(weights, dtype),
+        covariance_type="full",
+    )
+    fitters = {m: EMFitter(max_iter=m, tol=0.0, reg_covar=1e-6) for m in (short, long)}
+
+    def run(iterations):
+        result = fitters[iterations].fit(xj, gmm)
+        result.log_likelihood.block_until_ready()
+        return result
+
+    seconds = per_iteration(run, short, long, repeat)
+    return seconds, float(run(long).gmm.score(xj))
+
+
+def first_fit_compile_time(n_components: int, n_features: int) -> float:
+    """Seconds of the first ``lem.fit`` call beyond a second identical call (a fresh process)."""
+    code = f"""
+import time, numpy as np, jax, latentem as lem
+x = np.random.default_rng(0).standard_normal((1000, {n_features}))
+model = lem.gaussian_mixture({n_components})
+start = time.perf_counter(); lem.fit(model, jax.random.key(0), x).log_likelihood.block_until_ready()
+first = time.perf_counter() - start
+start = time.perf_counter(); lem.fit(model, jax.random.key(0), x).log_likelihood.block_until_ready()
+print(first - (time.perf_counter() - start))
+"""
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(output.stdout.strip().splitlines()[-1])
+
+
+def cpu_table(sizes, dtypes, short, long, repeat):
+    rows = []
+    for dtype in dtypes:
+        for n, d, k in sizes:
+            x, weights, means, covariances = make_data(n, d, k)
+            ours, our_ll = time_latentem(x, weights, means, covariances, dtype, short, long, repeat)
+            sk, sk_ll = time_sklearn(x, weights, means, covariances, dtype, short, long, repeat)
+            gx, gx_ll = time_gmmx(x, weights, means, covariances, dtype, short, long, repeat)
+            rows.append(
+                {
+                    "dtype": np.dtype(dtype).name,
+                    "size": (n, d, k),
+                    "latentem_ms": 1e3 * ours,
+                    "sklearn_ms": 1e3 * sk,
+                    "gmmx_ms": None if gx is None else 1e3 * gx,
+                    "vs_sklearn": sk / ours,
+                    "vs_gmmx": None if gx is None else gx / ours,
+                    "loglik": (our_ll, sk_ll, gx_ll),
+                }
+            )
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    print("| dtype | (n, d, k) | latentem ms/iter | scikit-learn ms/iter | gmmx ms/iter | vs scikit-learn | vs gmmx |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        gmmx_ms = "n/a" if r["gmmx_ms"] is None else f"{r['gmmx_ms']:.2f}"
+        vs_gmmx = "n/a" if r["vs_gmmx"] is None else f"{r['vs_gmmx']:.1f}x"
+        print(
+            f"| {r['dtype']} | {r['size']} | {r['latentem_ms']:.2f} | {r['sklearn_ms']:.2f} | {gmmx_ms} "
+            f"| {r['vs_sklearn']:.1f}x | {vs_gmmx} |"
+        )
+    print()
+    print("Final mean log-likelihoods (latentem, scikit-learn, gmmx) agree:")
+    for r in rows:
+        print(f"  {r['dtype']} {r['size']}: " + ", ".join("n/a" if v is None else f"{v:.6f}" for v in r["loglik"]))
+
+
+def memory_child(n: int, d: int, k: int, iterations: int) -> None:
+    """Run one fixed-iteration fit and report peak RSS and XLA's memory analysis (JSON)."""
+    import jax
+    import jax.numpy as jnp
+
+    import latentem as lem
+
+    key_x, key_init = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(key_x, (n, d), jnp.float32)
+    x.block_until_ready()
+    model = lem.gaussian_mixture(k, "full")
+    params = model.init(key_init, x[:20000], jnp.ones(20000, jnp.float32))
+    jitted = jax.jit(functools.partial(lem.fit_em, model, max_iter=iterations, tol=0.0))
+    compiled = jitted.lower(params, x).compile()
+    analysis = compiled.memory_analysis()
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start = time.perf_counter()
+    result = compiled(params, x)
+    result.log_likelihood.block_until_ready()
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(
+        json.dumps(
+            {
+                "peak_rss": peak,
+                "baseline_rss": baseline,
+                "xla_temp": getattr(analysis, "temp_size_in_bytes", None),
+                "xla_arguments": getattr(analysis, "argument_size_in_bytes", None),
+                "xla_output": getattr(analysis, "output_size_in_bytes", None),
+                "seconds_per_iteration": seconds / (iterations + 1),
+                "status": int(result.status),
+            }
+        )
+    )
+
+
+def memory_check(n: int, d: int, k: int, iterations: int) -> None:
+    output = subprocess.run(
+        [sys.executable, __file__, "--memory-child", str(n), str(d), str(k), str(iterations)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    report = json.loads(output.stdout.strip().splitlines()[-1])
+    x_bytes = n * d * 4
+    responsibilities_bytes = n * k * 4
+    budget = 3 * (x_bytes + responsibilities_bytes)
+    mib = 2**20
+    print(f"Memory, full covariance, float32, (n, d, k) = ({n}, {d}, {k}), {iterations} iterations:")
+    print(f"  bytes of x {x_bytes / mib:.0f} MiB, of the responsibilities {responsibilities_bytes / mib:.0f} MiB")
+    print(f"  budget 3 x (x + responsibilities) = {budget / mib:.0f} MiB")
+    fit_rss = report["peak_rss"] - report["baseline_rss"] + x_bytes
+    print(
+        f"  peak resident memory {report['peak_rss'] / mib:.0f} MiB; before the fit (x already on the device) "
+        f"{report['baseline_rss'] / mib:.0f} MiB; the fit's own peak including x: {fit_rss / mib:.0f} MiB "
+        f"= {fit_rss / budget:.2f} x budget"
+    )
+    if report["xla_temp"] is not None:
+        xla_total = report["xla_temp"] + report["xla_arguments"] + report["xla_output"]
+        print(
+            f"  XLA memory analysis: arguments {report['xla_arguments'] / mib:.0f} MiB, temporaries "
+            f"{report['xla_temp'] / mib:.0f} MiB, outputs {report['xla_output'] / mib:.0f} MiB, total "
+            f"{xla_total / mib:.0f} MiB = {xla_total / budget:.2f} x budget"
+        )
+    print(f"  {report['seconds_per_iteration']:.2f} s per iteration, status {report['status']}")
+
+
+def gpu_table(sizes, short, long, repeat):
+    import jax
+
+    device = jax.devices()[0]
+    print(f"Device: {device.device_kind} ({device.platform}), jax {jax.__version__}")
+    print("| (n, d, k) | matmul precision | ms/iter | TFLOP/s (4 n k d^2 per iteration) |")
+    print("|---|---|---|---|")
+    for n, d, k in sizes:
+        x, weights, means, covariances = make_data(n, d, k)
+        for precision in ("default", "highest"):
+            with jax.default_matmul_precision(None if precision == "default" else "highest"):
+                seconds, _ = time_latentem(x, weights, means, covariances, np.float32, short, long, repeat)
+            flops = 4 * n * k * d * d
+            print(f"| ({n}, {d}, {k}) | {precision} | {1e3 * seconds:.2f} | {flops / seconds / 1e12:.1f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, one repeat")
+    parser.add_argument("--memory", action="store_true", help="run the (1e6, 32, 64) memory check")
+    parser.add_argument("--gpu", action="store_true", help="GPU per-iteration times at (1e6, 32, 64) and (1e6, 8, 16)")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--memory-child", nargs=4, type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(*args.memory_child)
+        return
+    if args.gpu:
+        gpu_table([(1_000_000, 32, 64), (1_000_000, 8, 16)], 5, 25, args.repeat)
+        return
+    if args.memory:
+        memory_check(1_000_000, 32, 64, 2)
+        return
+    import jax
+
+    print(f"CPU: {os.cpu_count()} cores, jax {jax.__version__}, device {jax.devices()[0].device_kind}")
+    if args.quick:
+        cpu_table([(20_000, 8, 8)], [np.float32], 2, 5, 1)
+        return
+    compile_seconds = first_fit_compile_time(8, 8)
+    print(f"Compile time of the first lem.fit call (n_components=8, n_features=8): {compile_seconds:.2f} s")
+    print()
+    jax.config.update("jax_enable_x64", True)
+    cpu_table([(100_000, 8, 8), (100_000, 32, 16)], [np.float32, np.float64], 3, 13, args.repeat)
+
+
+if __name__ == "__main__":
+    main()
