@@ -1,0 +1,145 @@
+"""k-means as hard EM: scikit-learn's Lloyd as the reference, weights, vmap, recovery."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.optimize import linear_sum_assignment
+from sklearn.cluster import KMeans
+
+import latentem as lem
+from tests.helpers import assert_trees_all_close, blobs
+
+MODEL = lem.kmeans(3)
+MAX_ITER = 60
+
+
+@functools.lru_cache
+def compiled_fit_em(model, max_iter=MAX_ITER):
+    return jax.jit(functools.partial(lem.fit_em, model, max_iter=max_iter))
+
+
+@pytest.fixture(scope="module")
+def data():
+    """Three overlapping clusters (so Lloyd needs several iterations) and integer weights."""
+    x = blobs(0, n_per_cluster=100, centres=((0.0, 0.0), (3.0, 0.0), (0.0, 3.0)), scale=1.2)
+    weights = np.random.default_rng(1).integers(0, 4, x.shape[0]).astype(np.float64)
+    return x, weights
+
+
+def fitted(x, weights, dtype, key=0):
+    x, weights = jnp.asarray(x, dtype), jnp.asarray(weights, dtype)
+    params = MODEL.init(jax.random.key(key), x, weights)
+    # tol=0: run to the fixed point (it is reached exactly: labels, then centres, stop changing).
+    return params, compiled_fit_em(MODEL)(params, x, weights=weights, tol=0.0)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_matches_scikit_learn_lloyd_from_the_same_centres(dtype, data, weighted):
+    x, weights = data
+    weights = weights if weighted else np.ones(x.shape[0])
+    start, result = fitted(x, weights, dtype)
+    reference = KMeans(
+        3, init=np.asarray(start.centres, np.float64), n_init=1, algorithm="lloyd", tol=0.0, max_iter=300
+    ).fit(x.astype(dtype).astype(np.float64), sample_weight=weights)
+    assert reference.n_iter_ < MAX_ITER and reference.n_iter_ >= 3  # a real run, finished in our budget
+    rtol = 1e-6 if dtype == np.float64 else 1e-4
+    np.testing.assert_allclose(
+        np.asarray(result.params.centres), reference.cluster_centers_, rtol=rtol, atol=rtol
+    )
+    np.testing.assert_array_equal(
+        np.asarray(lem.predict(MODEL, result.params, x.astype(dtype))), reference.labels_
+    )
+    np.testing.assert_allclose(
+        float(lem.inertia(result.params, x.astype(dtype), weights)), reference.inertia_, rtol=rtol
+    )
+
+
+def test_objective_is_minus_inertia_up_to_constants_and_monotone(dtype, data):
+    x, weights = data
+    _, result = fitted(x, weights, dtype)
+    n_iter = int(result.n_iter)
+    history = np.asarray(result.history[:n_iter], np.float64)
+    # Classification EM never lowers its objective.
+    assert np.all(np.diff(history) >= -1e-6 * np.abs(history[1:]))
+    inertia = float(lem.inertia(result.params, x.astype(dtype), weights))
+    expected = -inertia / (2 * weights.sum()) - math.log(2 * math.pi) - math.log(3)  # d = 2
+    np.testing.assert_allclose(
+        float(result.log_likelihood), expected, rtol=1e-6 if dtype == np.float64 else 1e-5
+    )
+
+
+def test_inertia_matches_brute_force(dtype, data):
+    x, weights = data
+    centres = np.array([[0.0, 0.0], [1.0, 1.0], [-2.0, 3.0]])
+    distances = ((x[:, None, :] - centres[None, :, :]) ** 2).sum(axis=2).min(axis=1)
+    params = lem.KMeansParams(jnp.asarray(centres, dtype))
+    np.testing.assert_allclose(
+        float(lem.inertia(params, x.astype(dtype), weights)),
+        (weights * distances).sum(),
+        rtol=1e-12 if dtype == np.float64 else 1e-5,
+    )
+
+
+def test_zero_weight_is_removal_and_integer_weight_is_repetition(dtype, data):
+    x, _ = data
+    # Row 0 counted three times, rows 1 and 2 removed, against the same rows copied.
+    weights = np.ones(x.shape[0])
+    weights[:3] = (3, 0, 0)
+    copied = x.copy()
+    copied[1:3] = x[0]
+    x, copied = jnp.asarray(x, dtype), jnp.asarray(copied, dtype)
+    start = MODEL.init(jax.random.key(2), x, jnp.asarray(weights, dtype))
+    with_weights = compiled_fit_em(MODEL)(start, x, weights=jnp.asarray(weights, dtype), tol=0.0)
+    with_copies = compiled_fit_em(MODEL)(start, copied, weights=jnp.ones(x.shape[0], dtype), tol=0.0)
+    assert_trees_all_close(with_weights.params, with_copies.params, rtol=1e-5, atol=1e-5)
+
+
+def test_vmap_over_datasets_equals_a_loop(dtype):
+    xs = jnp.asarray(np.stack([blobs(seed, n_per_cluster=100) for seed in (3, 4)]), dtype)
+    keys = jax.random.split(jax.random.key(5), 2)
+    batched = jax.vmap(functools.partial(lem.fit, MODEL, n_init=2))(keys, xs)
+    for index in range(2):
+        single = lem.fit(MODEL, keys[index], xs[index], n_init=2)
+        member = jax.tree_util.tree_map(lambda leaf, i=index: leaf[i], batched)
+        assert_trees_all_close(member, single, rtol=1e-5, atol=1e-5)
+
+
+def test_recovers_centres_from_its_own_samples(dtype):
+    truth = lem.KMeansParams(jnp.asarray([[0.0, 0.0], [6.0, 0.0], [0.0, 6.0]], dtype))
+    x, labels = MODEL.sample(jax.random.key(6), truth, 300)
+    assert x.shape == (300, 2) and x.dtype == dtype and labels.dtype == jnp.int32
+    result = lem.fit(MODEL, jax.random.key(7), x, n_init=2)
+    centres = np.asarray(result.params.centres, np.float64)
+    truth = np.asarray(truth.centres, np.float64)
+    rows, cols = linear_sum_assignment(((centres[:, None] - truth[None]) ** 2).sum(axis=2))
+    # Unit-variance clusters of about 100 samples: each centre within 0.4 (4 standard errors).
+    np.testing.assert_allclose(centres[rows], truth[cols], atol=0.4)
+
+
+def test_empty_cluster_keeps_its_centre(dtype):
+    x = jnp.asarray([[0.0, 0.0], [0.0, 1.0], [5.0, 5.0]], dtype)
+    params = lem.KMeansParams(jnp.asarray([[0.0, 0.5], [5.0, 5.0], [100.0, 100.0]], dtype))
+    stepped, _ = lem.em_step(MODEL, params, x)
+    np.testing.assert_allclose(
+        np.asarray(stepped.centres), [[0.0, 0.5], [5.0, 5.0], [100.0, 100.0]], rtol=1e-6
+    )
+
+
+def test_check_model_passes(dtype, data):
+    x, _ = data
+    report = lem.check_model(MODEL, jax.random.key(8), x.astype(dtype), n_samples=300)
+    assert report.passed, str(report)
+
+
+def test_factory_validation_and_memoisation():
+    assert lem.kmeans(3) is MODEL
+    with pytest.raises(ValueError, match="n_clusters"):
+        lem.kmeans(0)
+    with pytest.raises(ValueError, match="init"):
+        lem.kmeans(2, init="random")
+    with pytest.raises(ValueError, match="n_clusters=3"):
+        MODEL.init(jax.random.key(0), jnp.zeros((2, 2)), jnp.ones(2))
