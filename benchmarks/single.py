@@ -35,7 +35,9 @@ def make_data(n_samples: int, n_features: int, n_components: int, seed: int = 0)
     x = centres[labels] + rng.standard_normal((n_samples, n_features))
     weights = np.full(n_components, 1 / n_components)
     means = x[rng.choice(n_samples, n_components, replace=False)]
-    covariances = np.broadcast_to(np.cov(x.T) + 1e-3 * np.eye(n_features), (n_components, n_features, n_features))
+    covariances = np.broadcast_to(
+        np.cov(x.T) + 1e-3 * np.eye(n_features), (n_components, n_features, n_features)
+    )
     return x, weights, means, np.ascontiguousarray(covariances)
 
 
@@ -51,9 +53,10 @@ def best_time(run, repeat: int) -> float:
 def per_iteration(run_with_iterations, short: int, long: int, repeat: int) -> float:
     run_with_iterations(short)  # warm-up (compilation for the JAX libraries)
     run_with_iterations(long)
-    return (best_time(lambda: run_with_iterations(long), repeat) - best_time(lambda: run_with_iterations(short), repeat)) / (
-        long - short
-    )
+    return (
+        best_time(lambda: run_with_iterations(long), repeat)
+        - best_time(lambda: run_with_iterations(short), repeat)
+    ) / (long - short)
 
 
 def time_latentem(x, weights, means, covariances, dtype, short, long, repeat):
@@ -162,7 +165,10 @@ def cpu_table(sizes, dtypes, short, long, repeat):
                 }
             )
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    print("| dtype | (n, d, k) | latentem ms/iter | scikit-learn ms/iter | gmmx ms/iter | vs scikit-learn | vs gmmx |")
+    print(
+        "| dtype | (n, d, k) | latentem ms/iter | scikit-learn ms/iter | gmmx ms/iter "
+        "| vs scikit-learn | vs gmmx |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         gmmx_ms = "n/a" if r["gmmx_ms"] is None else f"{r['gmmx_ms']:.2f}"
@@ -174,7 +180,10 @@ def cpu_table(sizes, dtypes, short, long, repeat):
     print()
     print("Final mean log-likelihoods (latentem, scikit-learn, gmmx) agree:")
     for r in rows:
-        print(f"  {r['dtype']} {r['size']}: " + ", ".join("n/a" if v is None else f"{v:.6f}" for v in r["loglik"]))
+        print(
+            f"  {r['dtype']} {r['size']}: "
+            + ", ".join("n/a" if v is None else f"{v:.6f}" for v in r["loglik"])
+        )
 
 
 def memory_child(n: int, d: int, k: int, iterations: int) -> None:
@@ -226,11 +235,15 @@ def memory_check(n: int, d: int, k: int, iterations: int) -> None:
     budget = 3 * (x_bytes + responsibilities_bytes)
     mib = 2**20
     print(f"Memory, full covariance, float32, (n, d, k) = ({n}, {d}, {k}), {iterations} iterations:")
-    print(f"  bytes of x {x_bytes / mib:.0f} MiB, of the responsibilities {responsibilities_bytes / mib:.0f} MiB")
+    print(
+        f"  bytes of x {x_bytes / mib:.0f} MiB, "
+        f"of the responsibilities {responsibilities_bytes / mib:.0f} MiB"
+    )
     print(f"  budget 3 x (x + responsibilities) = {budget / mib:.0f} MiB")
     fit_rss = report["peak_rss"] - report["baseline_rss"] + x_bytes
     print(
-        f"  peak resident memory {report['peak_rss'] / mib:.0f} MiB; before the fit (x already on the device) "
+        f"  peak resident memory {report['peak_rss'] / mib:.0f} MiB; "
+        "before the fit (x already on the device) "
         f"{report['baseline_rss'] / mib:.0f} MiB; the fit's own peak including x: {fit_rss / mib:.0f} MiB "
         f"= {fit_rss / budget:.2f} x budget"
     )
@@ -264,7 +277,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, one repeat")
     parser.add_argument("--memory", action="store_true", help="run the (1e6, 32, 64) memory check")
-    parser.add_argument("--gpu", action="store_true", help="GPU per-iteration times at (1e6, 32, 64) and (1e6, 8, 16)")
+    parser.add_argument(
+        "--gpu", action="store_true", help="GPU per-iteration times at (1e6, 32, 64) and (1e6, 8, 16)"
+    )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--memory-child", nargs=4, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
