@@ -87,7 +87,9 @@ class PosteriorFn(Protocol):
     ``log_likelihood`` is :math:`\log p(x_n \mid \theta)`, shape ``(n_samples,)``.
     The engine scales every leaf by the sample weights along the first axis before the
     M-step, so each leaf must be an expectation that the M-step sums over samples;
-    include a leaf of ones if the M-step needs the weights themselves.
+    include a leaf of ones if the M-step needs the weights themselves. A model that has
+    both ``log_joint`` and ``posterior`` (such as :func:`latentem.hard_em`) must return
+    responsibilities-shaped posteriors, ``(n_samples, n_states)``.
     """
 
     def __call__(self, params: Params, x: Array) -> tuple[Posterior, Array]: ...
@@ -285,7 +287,12 @@ def check_x(x: Any, *, name: str = "x") -> Array:
         raise ValueError(f"{name} must have at least one sample and one feature; got shape {x.shape}.")
     x = jnp.asarray(x)
     # One scalar crosses to the host in the common case; the rows only on failure.
-    if is_concrete(x) and jnp.issubdtype(x.dtype, jnp.inexact) and not bool(jnp.isfinite(x).all()):
+    # A concrete x can still be captured inside a traced function, where the check
+    # itself is traced: then it is skipped (the compiled fit reports Status.NONFINITE).
+    all_finite = jnp.isfinite(x).all() if is_concrete(x) and jnp.issubdtype(x.dtype, jnp.inexact) else True
+    if not is_concrete(all_finite):
+        all_finite = True
+    if not bool(all_finite):
         finite = np.asarray(jnp.isfinite(x).all(axis=1))
         rows = np.flatnonzero(~finite)
         shown = ", ".join(str(r) for r in rows[:10]) + (", ..." if rows.size > 10 else "")

@@ -175,7 +175,7 @@ def _em_iteration(
     objective = _objective(model, params, log_likelihood, weights, total_weight)
     weighted = _weighted_posterior(posterior, weights)
     new_params = model.m_step(x, weighted, params)
-    state_mass = weighted.sum(axis=0) if model.posterior is None else None
+    state_mass = weighted.sum(axis=0) if model.log_joint is not None else None
     return new_params, objective, state_mass
 
 
@@ -453,7 +453,8 @@ def warn_on_status(status: Array, max_iter: int) -> None:
     message(
         Status.NONFINITE,
         "the objective or parameters became NaN or infinite (Status.NONFINITE); the last "
-        "finite parameters were returned. Check the data for NaN/inf and keep reg_covar > 0.",
+        "finite parameters were returned. Check the data for NaN/inf or values outside the "
+        "model's support (e.g. negative counts), and keep reg_covar > 0.",
     )
     if max_iter > 0:
         message(

@@ -29,7 +29,7 @@ from latentem._base import (
     tree_all_finite,
     tree_select,
 )
-from latentem._em import ConvergenceWarning, _objective, _prepare, _weighted_posterior, e_step
+from latentem._em import ConvergenceWarning, _has_empty_state, _objective, _prepare, e_step
 
 # Internal status of a member still iterating; never returned.
 _RUNNING = -1
@@ -312,11 +312,8 @@ def _fit_gradient_compiled(
         state = jax.lax.while_loop(keep_going, step, state)
     fitted = model.from_unconstrained(state.unconstrained)
     status = jnp.where(state.status == _RUNNING, Status.MAX_ITER, state.status)
-    if model.posterior is None:
-        # The engine's rule: a state is empty when its posterior mass is below
-        # round-off of the total weight.
-        mass = _weighted_posterior(e_step(model, fitted, x)[0], weights).sum(axis=0)
-        empty = jnp.any(mass <= jnp.finfo(mass.dtype).eps * weights.sum().astype(mass.dtype))
+    if model.log_joint is not None:  # finite-state: the engine's empty-component rule
+        empty = _has_empty_state(e_step(model, fitted, x)[0], weights, weights.sum())
         status = jnp.where((status != Status.NONFINITE) & empty, Status.EMPTY_COMPONENT, status)
     converged = (state.status == Status.CONVERGED) & (status != Status.NONFINITE)
     return GradientResult(

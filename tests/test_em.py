@@ -256,3 +256,13 @@ def test_map_em_objective_includes_prior_and_never_decreases(dtype):
     # The MAP rates differ from the maximum-likelihood ones in the direction of the prior mode.
     ml = jax.jit(functools.partial(lem.fit_em, poisson_mixture(2), max_iter=40))(params, x, tol=0.0)
     assert not np.allclose(np.asarray(ml.params.rates), rates, rtol=1e-6)
+
+
+def test_data_captured_by_a_traced_function(dtype, datasets):
+    """Concrete data closed over by a jitted function: checks that need values are skipped."""
+    x = jnp.asarray(datasets[0], dtype)
+    params = start_params(x, dtype)
+    stepped, objective = jax.jit(lambda p: lem.em_step(MODEL, p, x))(params)
+    eager, eager_objective = lem.em_step(MODEL, params, x)
+    assert_trees_all_close(stepped, eager, rtol=tight(dtype, 1e-12, 1e-5), atol=tight(dtype, 1e-12, 1e-5))
+    np.testing.assert_allclose(float(objective), float(eager_objective), rtol=tight(dtype, 1e-12, 1e-6))

@@ -160,3 +160,13 @@ def test_needs_a_finite_state_model_and_is_memoised():
         lem.hard_em(lem.ppca(1))
     with pytest.raises(ValueError, match="LatentModel"):
         lem.hard_em("kmeans")
+
+
+def test_empty_state_is_reported(dtype):
+    """A state that wins no sample ends with zero mass: Status.EMPTY_COMPONENT, as in soft EM."""
+    x = jnp.asarray(blobs(2, n_per_cluster=30), dtype)
+    params = BASE.init(jax.random.key(0), x, jnp.ones(x.shape[0], dtype))
+    far = params.means.at[2].set(jnp.asarray([1e3, 1e3], dtype))
+    result = compiled_fit_em(MODEL)(lem.GaussianMixtureParams(params.weights, far, params.covariances), x)
+    assert int(result.status) == lem.Status.EMPTY_COMPONENT
+    assert float(result.params.weights[2]) == 0.0
