@@ -302,11 +302,15 @@ def check_x(x: Any, *, name: str = "x") -> Array:
     return x
 
 
-def check_weights(weights: Any, n_samples: int, dtype: Any) -> Array:
-    """Return sample weights as an array of shape ``(n_samples,)``; ones when ``None``."""
+def check_weights(weights: Any, n_samples: int, dtype: Any, *, xp: Any = jnp) -> Array:
+    """Return sample weights as an array of shape ``(n_samples,)``; ones when ``None``.
+
+    ``xp=np`` returns a NumPy array (for concrete weights), which avoids one small
+    compiled conversion per distinct ``n_samples`` when many datasets are checked.
+    """
     if weights is None:
-        return jnp.ones((n_samples,), dtype)
-    weights = jnp.asarray(weights)
+        return xp.ones((n_samples,), dtype)
+    weights = xp.asarray(weights)
     if weights.ndim != 1 or weights.shape[0] != n_samples:
         raise ValueError(
             f"weights must have shape (n_samples,) = ({n_samples},), one per row of x; "

@@ -291,6 +291,18 @@ def stack_datasets(
         )
     common = np.result_type(*(data.dtype for data in arrays))
     dtype = jax.dtypes.canonicalize_dtype(common if jnp.issubdtype(common, jnp.floating) else jnp.float64)
+    if is_concrete(arrays, weights):
+        # Pad on the host: eager JAX would compile a small program for every distinct
+        # dataset length, which dominates for thousands of ragged datasets.
+        stacked_x = np.empty((len(arrays), n_samples, n_features), dtype)
+        stacked_weights = np.zeros((len(arrays), n_samples), dtype)
+        for b, (data, data_weights) in enumerate(zip(arrays, weights, strict=True)):
+            rows = data.shape[0]
+            data_weights = check_weights(data_weights, rows, dtype, xp=np)
+            stacked_x[b, :rows] = np.asarray(data)
+            stacked_x[b, rows:] = stacked_x[b, np.argmax(data_weights > 0)]
+            stacked_weights[b, :rows] = data_weights
+        return jnp.asarray(stacked_x), jnp.asarray(stacked_weights)
     padded_x, padded_weights = [], []
     for data, data_weights in zip(arrays, weights, strict=True):
         data = jnp.asarray(data).astype(dtype)

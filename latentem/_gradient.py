@@ -10,12 +10,10 @@ shape of an :class:`~latentem.EMResult`, so the two paths can be compared step b
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from latentem._base import (
@@ -29,7 +27,7 @@ from latentem._base import (
     tree_all_finite,
     tree_select,
 )
-from latentem._em import ConvergenceWarning, _has_empty_state, _objective, _prepare, e_step
+from latentem._em import _has_empty_state, _objective, _prepare, e_step, warn_status_counts
 
 # Internal status of a member still iterating; never returned.
 _RUNNING = -1
@@ -219,34 +217,20 @@ def fit_gradient(
 
 
 def _warn_on_status(status: Array, num_steps: int, expect_convergence: bool) -> None:
-    """Turn bad statuses of an eager fit (any batch shape) into ConvergenceWarnings."""
-    status = np.asarray(status)
-    prefix = "" if status.size == 1 else "{count} of {total} fits: "
-
-    def message(code: Status, text: str) -> None:
-        count = int(np.sum(status == code))
-        if count:
-            warnings.warn(
-                prefix.format(count=count, total=status.size) + text, ConvergenceWarning, stacklevel=3
-            )
-
-    message(
-        Status.NONFINITE,
-        "the objective, the parameters or the gradient became NaN or infinite "
-        "(Status.NONFINITE); the last finite parameters were returned. Lower the "
-        "learning rate, or start from better parameters (e.g. a few EM iterations).",
-    )
+    """Turn bad statuses of an eager gradient fit (any batch shape) into ConvergenceWarnings."""
+    messages = {
+        Status.NONFINITE: "the objective, the parameters or the gradient became NaN or infinite "
+        "(Status.NONFINITE); the last finite parameters were returned. Lower the learning rate, "
+        "or start from better parameters (e.g. a few EM iterations).",
+        Status.EMPTY_COMPONENT: "a component ended with no posterior mass (Status.EMPTY_COMPONENT); "
+        "the data support fewer components. Reduce n_components.",
+    }
     if expect_convergence and num_steps > 0:
-        message(
-            Status.MAX_ITER,
+        messages[Status.MAX_ITER] = (
             f"the objective did not settle within tol in num_steps={num_steps} steps "
-            "(Status.MAX_ITER); increase num_steps or tol, or tune the optimizer.",
+            "(Status.MAX_ITER); increase num_steps or tol, or tune the optimizer."
         )
-    message(
-        Status.EMPTY_COMPONENT,
-        "a component ended with no posterior mass (Status.EMPTY_COMPONENT); the data "
-        "support fewer components. Reduce n_components.",
-    )
+    warn_status_counts(status, messages)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "optimizer", "num_steps"))

@@ -256,6 +256,18 @@ def test_stack_datasets_runs_under_jit():
     np.testing.assert_array_equal(stacked[1], [[1, 1, 0], [1, 1, 1]])
 
 
+def test_stack_datasets_host_padding_equals_traced_padding():
+    """Concrete inputs are padded in NumPy, traced ones in JAX; both give the same batch."""
+    rng = np.random.default_rng(3)
+    datasets = [rng.standard_normal((n, 3)) for n in (7, 2, 11, 5)]
+    weights = [None, np.array([0.0, 3.0]), rng.uniform(0.5, 2.0, 11), None]
+    host = lem.stack_datasets(datasets, weights=weights, n_samples=12)
+    traced = jax.jit(lambda d, w: lem.stack_datasets(d, weights=w, n_samples=12))(datasets, weights)
+    for host_part, traced_part in zip(host, traced, strict=True):
+        assert host_part.dtype == traced_part.dtype == float_dtype()
+        np.testing.assert_array_equal(host_part, traced_part)
+
+
 def test_ragged_batch_equals_solo_fits(model):
     lengths = (42, N_SAMPLES, 42)  # two solo-fit shapes, one already compiled
     datasets = [healthy_datasets()[index][:length] for index, length in enumerate(lengths)]

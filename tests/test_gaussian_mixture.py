@@ -1,6 +1,7 @@
 """The Gaussian mixture against scikit-learn, NumPy and SciPy references."""
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -356,3 +357,26 @@ def test_rank_deficient_component_far_from_centre_stays_positive_definite(dtype)
     # The regulariser (1e-6 x variance) plus the round-off floor: nothing larger was added.
     variance = np.asarray(x, np.float64).var(axis=0).mean()
     assert eigenvalues.min() < 1e-6 * variance + 64 * np.finfo(dtype).eps * eigenvalues.sum()
+
+
+def test_chunked_computation_equals_unchunked(covariance_type, dtype, monkeypatch):
+    """Large inputs are processed a block of samples at a time; the results must not change.
+    A tiny chunk budget forces many chunks, including a shifted last one."""
+    module = importlib.import_module("latentem.models.gaussian_mixture")
+    rng = np.random.default_rng(12)
+    x = jnp.asarray(rng.standard_normal((1003, 3)) * 2, dtype)
+    model = lem.gaussian_mixture(4, covariance_type)
+    params = model.init(jax.random.key(0), x, jnp.ones(x.shape[0], dtype))
+
+    def run():  # a fresh trace each time, so the chunk budget in force is the one used
+        return jax.jit(lambda p, x: (lem.e_step(model, p, x), lem.em_step(model, p, x)))(params, x)
+
+    (responsibilities, log_likelihood), (stepped, objective) = run()
+    monkeypatch.setitem(module._CHUNK_ELEMENTS, jax.default_backend(), 64)
+    assert module._chunk_size(x.shape[0], 12) < x.shape[0]  # the budget does force chunks
+    (chunked_responsibilities, chunked_log_likelihood), (chunked_stepped, chunked_objective) = run()
+    rtol = 1e-12 if dtype == np.float64 else 2e-5
+    np.testing.assert_allclose(chunked_log_likelihood, log_likelihood, rtol=rtol)
+    np.testing.assert_allclose(chunked_responsibilities, responsibilities, rtol=0, atol=rtol)
+    np.testing.assert_allclose(float(chunked_objective), float(objective), rtol=rtol)
+    assert_trees_all_close(chunked_stepped, stepped, rtol=rtol * 10, atol=rtol)

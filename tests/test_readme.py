@@ -34,7 +34,41 @@ def test_poisson_mixture_example_recovers_rates():
         exec(compile(block, "README.md (Your own model)", "exec"), namespace)
     result = namespace["result"]
     assert int(result.status) == lem.Status.CONVERGED
-    rates = np.sort(np.asarray(result.params.rates), axis=0)
-    np.testing.assert_allclose(rates, np.array([[3.0] * 4, [12.0] * 4]), atol=0.3)
-    weights = np.sort(np.asarray(result.params.weights))
-    np.testing.assert_allclose(weights, [0.3, 0.7], atol=0.03)
+    # Sums of four Poisson(3) and four Poisson(12) counts hardly overlap, so the fitted
+    # mixture must match the maximum-likelihood fit that knows the true labels: the
+    # per-class means and proportions (a sampling-independent reference). The example
+    # stops at the default tol=1e-3 on the mean log-likelihood, which leaves rates up to
+    # ~0.03 short of the optimum in float32 (seen over 30 keys), hence atol=0.05.
+    x, z = np.asarray(namespace["x"]), np.asarray(namespace["z"])
+    expected_rates = np.stack([x[~z].mean(0), x[z].mean(0)])
+    expected_weights = np.array([1 - z.mean(), z.mean()])
+    order = np.argsort(np.asarray(result.params.rates)[:, 0])
+    np.testing.assert_allclose(np.asarray(result.params.rates)[order], expected_rates, atol=0.05)
+    np.testing.assert_allclose(np.asarray(result.params.weights)[order], expected_weights, atol=2e-3)
+
+
+def test_every_other_section_runs(tmp_path, monkeypatch):
+    """The remaining code blocks, in order, in one namespace, as a reader would paste them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    monkeypatch.chdir(tmp_path)  # the saving example writes model.npz
+    namespace = {}
+    for block in python_blocks("Quickstart") + python_blocks("Your own model")[:1]:
+        exec(compile(block, "README.md", "exec"), namespace)
+    sections = [
+        "More models",
+        "EM and gradient descent",
+        "Many datasets at once",
+        "Choosing the number of components",
+        "scikit-learn, the command line, plots, saving",
+        "Several devices and hosts",
+    ]
+    for section in sections:
+        for block in python_blocks(section):
+            exec(compile(block, f"README.md ({section})", "exec"), namespace)
+    assert (tmp_path / "model.npz").exists()
+    assert namespace["n_components"] == 2
+    np.testing.assert_allclose(float(namespace["lbfgs"].log_likelihood), -4.1554, atol=1e-3)
+    assert namespace["x_padded"].shape[0] == 3 and namespace["results"].status.shape == (1000,)
+    assert namespace["x_sharded"].shape == namespace["x"].shape

@@ -1,0 +1,74 @@
+"""Data-parallel fits: x sharded over devices (jax.sharding) gives the unsharded result.
+
+Run in a subprocess with four virtual CPU devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count=4``), since the device count is
+fixed when JAX starts.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent(
+    """
+    import functools, json
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    import latentem as lem
+
+    assert len(jax.devices()) == 4, jax.devices()
+    mesh = Mesh(np.array(jax.devices()), ("samples",))
+    rows, vector = NamedSharding(mesh, P("samples", None)), NamedSharding(mesh, P("samples"))
+    rng = np.random.default_rng(0)
+    dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+    x = jnp.asarray(rng.standard_normal((800, 3)) + rng.choice([0.0, 5.0], (800, 1)), dtype)
+    weights = jnp.asarray(rng.integers(0, 3, 800), dtype)
+    x_sharded, weights_sharded = jax.device_put(x, rows), jax.device_put(weights, vector)
+
+    report = {"devices": len(x_sharded.sharding.device_set)}
+    for covariance_type in ("full", "diag"):
+        model = lem.gaussian_mixture(3, covariance_type)
+        params = model.init(jax.random.key(0), x, weights)
+        fit_em = jax.jit(functools.partial(lem.fit_em, model, max_iter=30, tol=0.0))
+        plain = fit_em(params, x, weights=weights)
+        sharded = fit_em(params, x_sharded, weights=weights_sharded)
+        # Data-parallel, not gathered: the compiled program reduces across devices.
+        program = fit_em.lower(params, x_sharded, weights=weights_sharded).compile().as_text()
+        restarts = lem.fit(model, jax.random.key(1), x, weights=weights, n_init=2, max_iter=30, tol=0.0)
+        restarts_sharded = lem.fit(model, jax.random.key(1), x_sharded, weights=weights_sharded, n_init=2,
+                                   max_iter=30, tol=0.0)
+        difference = lambda a, b: max(
+            float(jnp.max(jnp.abs(u - v) / (1 + jnp.abs(v))))
+            for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+        report[covariance_type] = {
+            "fit_em": difference(sharded.params, plain.params),
+            "fit_em_objective": abs(float(sharded.log_likelihood - plain.log_likelihood)),
+            "fit": difference(restarts_sharded.params, restarts.params),
+            "n_iter": [int(sharded.n_iter), int(plain.n_iter)],
+            "status": [int(sharded.status), int(plain.status)],
+            "all_reduce": "all-reduce" in program,
+        }
+    print(json.dumps(report))
+    """
+)
+
+
+def test_sharded_fit_equals_unsharded():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    output = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert output.returncode == 0, output.stderr[-3000:]
+    report = json.loads(output.stdout.strip().splitlines()[-1])
+    assert report["devices"] == 4
+    tolerance = 1e-10 if os.environ.get("JAX_ENABLE_X64") in ("1", "true", "True") else 1e-4
+    for covariance_type in ("full", "diag"):
+        result = report[covariance_type]
+        # Sums over samples are reduced per device, then across: the same up to rounding.
+        assert result["fit_em"] < tolerance, result
+        assert result["fit_em_objective"] < tolerance, result
+        assert result["fit"] < tolerance, result
+        assert result["n_iter"] == [30, 30] and result["status"][0] == result["status"][1]
+        assert result["all_reduce"], "the sharded fit did not reduce across devices"
