@@ -54,7 +54,17 @@ def rtol_for(dtype, float64_rtol=1e-6, float32_rtol=2e-4):
 # ---------------------------------------------------------------------------
 
 
-def test_log_joint_and_score_samples_match_sklearn(covariance_type, dtype):
+@pytest.fixture(params=["fused", "gemm"])
+def product_path(request, monkeypatch):
+    """Products over features run as fused multiply-sums for few features and as GEMMs
+    for many; both must match the references. (Direct, eager calls of log_joint and
+    m_step trace afresh, so the setting is in force.)"""
+    module = importlib.import_module("latentem.models.gaussian_mixture")
+    monkeypatch.setattr(module, "_ELEMENTWISE_MAX_FEATURES", N_FEATURES if request.param == "fused" else 0)
+    return request.param
+
+
+def test_log_joint_and_score_samples_match_sklearn(covariance_type, dtype, product_path):
     weights, means, covariances = reference_params(covariance_type)
     x = np.random.default_rng(1).standard_normal((200, N_FEATURES)) * 3
     gm = sklearn_model(covariance_type, weights, means, covariances)
@@ -102,7 +112,7 @@ def test_log_density_matches_scipy_brute_force(covariance_type, dtype):
     np.testing.assert_allclose(responsibilities, expected_responsibilities, rtol=0, atol=10 * rtol)
 
 
-def test_m_step_matches_sklearn(covariance_type, dtype):
+def test_m_step_matches_sklearn(covariance_type, dtype, product_path):
     rng = np.random.default_rng(2)
     x = rng.standard_normal((150, N_FEATURES)) * 2 + 1
     responsibilities = rng.dirichlet(np.ones(N_COMPONENTS), size=150)
