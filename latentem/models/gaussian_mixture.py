@@ -196,24 +196,28 @@ def _log_gaussian_density_by_state(x: Array, params: GaussianMixtureParams, cova
 
         log_det = jnp.sum(jnp.log(jnp.diagonal(factor, axis1=1, axis2=2)), axis=1)
     elif covariance_type == "full":
-        # One (k d, d) @ (d, c) product per chunk projects the samples for every component.
-        stacked = jnp.swapaxes(factor, 1, 2).reshape(n_components * n_features, n_features)
+        # One (c, d) @ (d, k d) product per chunk projects the samples for every
+        # component; samples-first here, so that the sum of squares runs along the
+        # contiguous feature axis (1.5x faster than states-first at (1e5, 32, 16)).
+        stacked = jnp.transpose(factor, (1, 0, 2)).reshape(n_features, n_components * n_features)
         projected_means = jnp.einsum("kd,kde->ke", centred_means, factor)
 
         def mahalanobis(rows: Array) -> Array:
-            projected = (stacked @ (rows - reference[None, :]).T).reshape(n_components, n_features, -1)
-            return jnp.sum(jnp.square(projected - projected_means[:, :, None]), axis=1)
+            projected = ((rows - reference[None, :]) @ stacked).reshape(
+                rows.shape[0], n_components, n_features
+            )
+            return jnp.sum(jnp.square(projected - projected_means[None, :, :]), axis=2).T
 
         log_det = jnp.sum(jnp.log(jnp.diagonal(factor, axis1=1, axis2=2)), axis=1)
     elif covariance_type == "tied":
         projected_means = centred_means @ factor
 
         def mahalanobis(rows: Array) -> Array:
-            centred = (rows - reference[None, :]).T
+            rows_centred = rows - reference[None, :]
             if elementwise:
-                return _whitened_squares(factor[None], projected_means, centred)
-            projected = factor.T @ centred  # (d, c)
-            return jnp.sum(jnp.square(projected[None, :, :] - projected_means[:, :, None]), axis=1)
+                return _whitened_squares(factor[None], projected_means, rows_centred.T)
+            projected = rows_centred @ factor  # (c, d), samples-first as for "full"
+            return jnp.sum(jnp.square(projected[:, None, :] - projected_means[None, :, :]), axis=2).T
 
         log_det = jnp.broadcast_to(jnp.sum(jnp.log(jnp.diagonal(factor))), (n_components,))
     else:
@@ -303,14 +307,17 @@ def _scatter(x: Array, responsibilities: Array, centred_means: Array, reference:
     elementwise = n_features <= _ELEMENTWISE_MAX_FEATURES
 
     def scatter(rows: Array, weights: Array) -> Array:
+        if covariance_type in ("full", "tied") and not elementwise:
+            # Features last for the GEMMs (as in the E-step): (k, c, d).
+            deviations = (rows - reference[None, :])[None, :, :] - centred_means[:, None, :]
+            weighted = weights[:, :, None] * deviations
+            if covariance_type == "full":
+                return jnp.einsum("kci,kcj->kij", weighted, deviations)
+            return weighted.reshape(-1, n_features).T @ deviations.reshape(-1, n_features)
         deviations = (rows - reference[None, :]).T[None, :, :] - centred_means[:, :, None]  # (k, d, c)
         weighted = weights[:, None, :] * deviations
-        if covariance_type in ("full", "tied") and elementwise:
+        if covariance_type in ("full", "tied"):
             return _scatter_by_entries(weighted, deviations, tied=covariance_type == "tied")
-        if covariance_type == "full":
-            return jnp.einsum("kic,kjc->kij", weighted, deviations)
-        if covariance_type == "tied":
-            return jnp.einsum("kic,kjc->ij", weighted, deviations)
         return jnp.sum(weighted * deviations, axis=2)
 
     chunk = _chunk_size(x.shape[0], n_components * n_features)
