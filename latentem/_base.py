@@ -211,6 +211,11 @@ class Status(enum.IntEnum):
         (numerically) no posterior mass: more components than the data supports, or
         duplicated data. Parameters are finite; ``converged`` still says whether the
         tolerance was met.
+
+    Inside compiled code the library writes ``int(Status.X)``: a plain Python int is
+    weakly typed and keeps status arithmetic in int32, whereas older JAX versions
+    (0.4.30) treat an ``IntEnum`` as int64 under ``JAX_ENABLE_X64`` and then reject the
+    mix under strict dtype promotion.
     """
 
     CONVERGED = 0

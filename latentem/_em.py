@@ -91,6 +91,11 @@ def e_step(model: LatentModel, params: Params, x: Array) -> tuple[Posterior, Arr
     return responsibilities.T, log_likelihood
 
 
+# Not public in jax.lax in older JAX (0.4.30 lacks it): there the fit runs without the barrier (slower,
+# same results).
+_optimization_barrier = getattr(jax.lax, "optimization_barrier", None)
+
+
 def _responsibilities_by_state(
     model: LatentModel, params: Params, x: Array, materialise: bool = False
 ) -> tuple[Array, Array]:
@@ -108,8 +113,8 @@ def _responsibilities_by_state(
     differentiated.
     """
     log_joint = model.log_joint(params, x)
-    if materialise:
-        log_joint = jax.lax.optimization_barrier(log_joint)
+    if materialise and _optimization_barrier is not None:
+        log_joint = _optimization_barrier(log_joint)
     log_joint = log_joint.T
     log_likelihood = logsumexp(log_joint, axis=0)
     return jnp.exp(log_joint - log_likelihood[None, :]), log_likelihood
@@ -303,8 +308,10 @@ def fit_em(
         converged = finite & (step > 0) & (jnp.abs(objective - state.objective) < tol)
         status = jnp.where(
             finite,
-            jnp.where(converged, Status.CONVERGED, jnp.where(step >= max_iter, Status.MAX_ITER, _RUNNING)),
-            Status.NONFINITE,
+            jnp.where(
+                converged, int(Status.CONVERGED), jnp.where(step >= max_iter, int(Status.MAX_ITER), _RUNNING)
+            ),
+            int(Status.NONFINITE),
         )
         history = state.history
         if max_iter > 0:  # history[i] is the objective after iteration i + 1
@@ -331,11 +338,11 @@ def fit_em(
         history=jnp.full((max_iter,), jnp.nan, objective_shape.dtype),
     )
     state = jax.lax.while_loop(lambda state: state.status == _RUNNING, iteration, state)
-    converged = state.status == Status.CONVERGED
+    converged = state.status == int(Status.CONVERGED)
     status = state.status
     if state.state_mass is not None:
         empty = _any_empty_state(state.state_mass, total_weight)
-        status = jnp.where((status != Status.NONFINITE) & empty, Status.EMPTY_COMPONENT, status)
+        status = jnp.where((status != int(Status.NONFINITE)) & empty, int(Status.EMPTY_COMPONENT), status)
     return EMResult(
         params=state.params,
         log_likelihood=state.objective,

@@ -126,7 +126,7 @@ def _value_and_gradient_fn(loss: Any, optimizer_state: Any) -> Any:
     the state's (static) structure, so it costs nothing at run time.
     """
     try:
-        stored = [optax.tree.get(optimizer_state, name) for name in ("value", "grad")]
+        stored = [optax.tree_utils.tree_get(optimizer_state, name) for name in ("value", "grad")]
     except (KeyError, ValueError):  # several line searches: recompute instead
         stored = [None, None]
     if all(leaf is not None for leaf in stored):
@@ -260,7 +260,7 @@ def _fit_gradient_compiled(
         value=value,
         gradient=gradient,
         n_steps=jnp.zeros((), jnp.int32),
-        status=jnp.where(start_finite, _RUNNING, Status.NONFINITE).astype(jnp.int32),
+        status=jnp.where(start_finite, _RUNNING, int(Status.NONFINITE)).astype(jnp.int32),
         history=jnp.full((num_steps,), jnp.nan, value.dtype),
     )
 
@@ -281,7 +281,9 @@ def _fit_gradient_compiled(
         new_value, new_gradient = value_and_gradient(new_unconstrained, new_optimizer_state)
         finite = jnp.isfinite(new_value) & tree_all_finite(new_unconstrained) & tree_all_finite(new_gradient)
         converged = finite & (jnp.abs(new_value - state.value) < tol)
-        status = jnp.where(finite, jnp.where(converged, Status.CONVERGED, _RUNNING), Status.NONFINITE)
+        status = jnp.where(
+            finite, jnp.where(converged, int(Status.CONVERGED), _RUNNING), int(Status.NONFINITE)
+        )
         return _GradientState(
             unconstrained=tree_select(finite, new_unconstrained, state.unconstrained),
             optimizer_state=tree_select(finite, new_optimizer_state, state.optimizer_state),
@@ -295,11 +297,11 @@ def _fit_gradient_compiled(
     if num_steps > 0:  # with num_steps = 0 the body (which writes history) is not traced
         state = jax.lax.while_loop(keep_going, step, state)
     fitted = model.from_unconstrained(state.unconstrained)
-    status = jnp.where(state.status == _RUNNING, Status.MAX_ITER, state.status)
+    status = jnp.where(state.status == _RUNNING, int(Status.MAX_ITER), state.status)
     if model.log_joint is not None:  # finite-state: the engine's empty-component rule
         empty = _has_empty_state(e_step(model, fitted, x)[0], weights, weights.sum())
-        status = jnp.where((status != Status.NONFINITE) & empty, Status.EMPTY_COMPONENT, status)
-    converged = (state.status == Status.CONVERGED) & (status != Status.NONFINITE)
+        status = jnp.where((status != int(Status.NONFINITE)) & empty, int(Status.EMPTY_COMPONENT), status)
+    converged = (state.status == int(Status.CONVERGED)) & (status != int(Status.NONFINITE))
     return GradientResult(
         params=fitted,
         log_likelihood=-state.value,

@@ -475,7 +475,7 @@ def _select_one(
     log_likelihood = jnp.concatenate([fit.log_likelihood for fit in fits])
     status = jnp.concatenate([fit.status for fit in fits])
     n_parameters = jnp.asarray([count for fit in fits for count in fit.n_parameters], log_likelihood.dtype)
-    finite = (status != Status.NONFINITE) & jnp.isfinite(log_likelihood)
+    finite = (status != int(Status.NONFINITE)) & jnp.isfinite(log_likelihood)
     if criterion == "heldout":
         scores = jnp.concatenate([fit.held_out for fit in fits])
         scores = jnp.where(finite & jnp.isfinite(scores), scores, -jnp.inf)
@@ -554,9 +554,9 @@ def _own_status(
     mass = jnp.where(weights[:, None] > 0, responsibilities * weights[:, None], 0).sum(axis=0)
     own = jnp.arange(mass.shape[0], dtype=jnp.int32) < n_own_components
     empty = jnp.any(own & (mass <= jnp.finfo(mass.dtype).eps * weights.sum().astype(mass.dtype)))
-    running = jnp.where(result.converged, Status.CONVERGED, Status.MAX_ITER)
+    running = jnp.where(result.converged, int(Status.CONVERGED), int(Status.MAX_ITER))
     return jnp.where(
-        result.status == Status.EMPTY_COMPONENT,
-        jnp.where(empty, Status.EMPTY_COMPONENT, running),
+        result.status == int(Status.EMPTY_COMPONENT),
+        jnp.where(empty, int(Status.EMPTY_COMPONENT), running),
         result.status,
     ).astype(jnp.int32)

@@ -123,14 +123,14 @@ def _fit_restarts(
             model, params, x, weights=weights, max_iter=max_iter - 1, tol=tol, callback=callback
         )
         stepped, _ = lem.em_step(model, result.params, x, weights)
-        usable = (result.status != Status.NONFINITE) & tree_all_finite(stepped)
+        usable = (result.status != int(Status.NONFINITE)) & tree_all_finite(stepped)
         return _Restarts(
             params=tree_select(usable, stepped, result.params),
             initial_objective=initial,
             objective=result.log_likelihood,
             n_iter=result.n_iter,
             converged=result.converged & usable,
-            status=jnp.where(usable, result.status, Status.NONFINITE).astype(jnp.int32),
+            status=jnp.where(usable, result.status, int(Status.NONFINITE)).astype(jnp.int32),
             history=result.history,
         )
 
