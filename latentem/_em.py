@@ -120,15 +120,17 @@ def _responsibilities_by_state(
     return jnp.exp(log_joint - log_likelihood[None, :]), log_likelihood
 
 
-def _weighted_posterior(posterior: Posterior, weights: Array) -> Posterior:
-    """Scale each posterior leaf by the sample weights along its first axis.
+def _weighted_posterior(posterior: Posterior, weights: Array, sample_axis: int = 0) -> Posterior:
+    """Scale each posterior leaf by the sample weights along ``sample_axis``.
 
-    Rows of weight zero become exactly zero even where the posterior is NaN (a sample
+    Samples of weight zero become exactly zero even where the posterior is NaN (a sample
     with ``log p(x_n) = -inf``), so that a zero weight is the same as removal.
     """
 
     def scale(leaf: Array) -> Array:
-        w = weights.astype(leaf.dtype).reshape(weights.shape + (1,) * (leaf.ndim - 1))
+        shape = [1] * leaf.ndim
+        shape[sample_axis] = weights.shape[0]
+        w = weights.astype(leaf.dtype).reshape(shape)
         return jnp.where(w > 0, leaf * w, jnp.zeros_like(leaf))
 
     return jax.tree_util.tree_map(scale, posterior)
@@ -200,8 +202,7 @@ def _em_iteration(
     """
     if model.posterior is None:  # finite states, enumerated: work states-first
         responsibilities, log_likelihood = _responsibilities_by_state(model, params, x, materialise=True)
-        w = weights.astype(responsibilities.dtype)[None, :]
-        weighted_by_state = jnp.where(w > 0, responsibilities * w, jnp.zeros_like(responsibilities))
+        weighted_by_state = _weighted_posterior(responsibilities, weights, sample_axis=1)
         weighted, state_mass = weighted_by_state.T, weighted_by_state.sum(axis=1)
     else:
         posterior, log_likelihood = model.posterior(params, x)

@@ -369,9 +369,10 @@ def test_rank_deficient_component_far_from_centre_stays_positive_definite(dtype)
     assert eigenvalues.min() < 1e-6 * variance + 64 * np.finfo(dtype).eps * eigenvalues.sum()
 
 
-def test_chunked_computation_equals_unchunked(covariance_type, dtype, monkeypatch):
+def test_chunked_computation_equals_unchunked(covariance_type, dtype, product_path, monkeypatch):
     """Large inputs are processed a block of samples at a time; the results must not change.
-    A tiny chunk budget forces many chunks, including a shifted last one."""
+    A tiny chunk budget forces many chunks, including a shifted last one; both product
+    paths (fused and GEMM) are chunked differently, so both are checked."""
     module = importlib.import_module("latentem.models.gaussian_mixture")
     rng = np.random.default_rng(12)
     x = jnp.asarray(rng.standard_normal((1003, 3)) * 2, dtype)
