@@ -171,7 +171,8 @@ def fixed_iterations(x64: np.ndarray, arguments: argparse.Namespace) -> list[str
     start64 = start64._replace(weights=start64.weights / start64.weights.sum(axis=1, keepdims=True))
     start = jax.tree.map(lambda leaf: jnp.asarray(leaf, dtype), start64)
 
-    fit_many = jax.jit(jax.vmap(functools.partial(lem.fit_em, model, max_iter=N_ITER, tol=0.0)))
+    # lem.jit: jax.jit with latentem's XLA options (lem.compiler_options()), as lem.fit_batch uses.
+    fit_many = lem.jit(jax.vmap(functools.partial(lem.fit_em, model, max_iter=N_ITER, tol=0.0)))
     begin = time.perf_counter()
     compiled = fit_many.lower(start, x).compile()
     compile_time = time.perf_counter() - begin

@@ -5,6 +5,8 @@ from latentem._base import (
     EMResult,
     LatentModel,
     Status,
+    compiler_options,
+    jit,
 )
 from latentem._batch import fit_batch, stack_datasets
 from latentem._check import CheckFinding, CheckReport, check_model
@@ -79,6 +81,7 @@ __all__ = [
     "bic",
     "categorical_mixture",
     "check_model",
+    "compiler_options",
     "datasets",
     "e_step",
     "em_step",
@@ -90,6 +93,7 @@ __all__ = [
     "gaussian_mixture",
     "hard_em",
     "inertia",
+    "jit",
     "kmeans",
     "load",
     "poisson_mixture",

@@ -39,6 +39,8 @@ from latentem._base import (
     check_weights,
     float_dtype,
     is_concrete,
+    jit,
+    large_problem,
 )
 from latentem._em import fit, warn_on_status
 
@@ -205,7 +207,11 @@ def fit_batch(
     return result
 
 
-@functools.partial(jax.jit, static_argnames=("model", "n_init", "max_iter"))
+@functools.partial(
+    jit,
+    static_argnames=("model", "n_init", "max_iter"),
+    tune_if=lambda model, keys, x, *args, n_init, **kwargs: large_problem(x, n_init),
+)
 def _fit_batch_compiled(
     model: LatentModel, keys: PRNGKey, x: Array, weights: Array, tol: Array, *, n_init: int, max_iter: int
 ) -> EMResult:

@@ -34,6 +34,8 @@ from latentem._base import (
     check_x,
     float_dtype,
     is_concrete,
+    jit,
+    large_problem,
     tree_all_finite,
     tree_select,
 )
@@ -426,7 +428,11 @@ def fit(
     return result
 
 
-@functools.partial(jax.jit, static_argnames=("model", "n_init", "max_iter", "callback"))
+@functools.partial(
+    jit,
+    static_argnames=("model", "n_init", "max_iter", "callback"),
+    tune_if=lambda model, key, x, *args, n_init, **kwargs: large_problem(x, n_init),
+)
 def _fit_compiled(
     model: LatentModel,
     key: PRNGKey,
@@ -469,7 +475,7 @@ def check_enough_samples(model: LatentModel, key: PRNGKey, x: Array, weights: Ar
         return
     params_shape = jax.eval_shape(model.init, key, x, weights)
     n_states = jax.eval_shape(model.log_joint, params_shape, x).shape[-1]
-    n_weighted = int(jnp.sum(weights > 0))
+    n_weighted = int(np.count_nonzero(np.asarray(weights) > 0))  # on the host: nothing to compile
     if n_weighted < n_states:
         raise ValueError(
             f"x has {n_weighted} sample(s) with positive weight but the model has "

@@ -34,6 +34,8 @@ from latentem._base import (
     check_x,
     float_dtype,
     is_concrete,
+    jit,
+    large_problem,
 )
 from latentem._batch import check_batch, check_batch_weights, dataset_keys
 from latentem._em import best_restart, e_step, fit_em, score, warn_on_status
@@ -357,7 +359,7 @@ def _check_validation(
 
 
 @functools.partial(
-    jax.jit,
+    jit,
     static_argnames=(
         "batched",
         "candidates",
@@ -369,6 +371,7 @@ def _check_validation(
         "init",
         "reg_covar_mode",
     ),
+    tune_if=lambda keys, x, *args, candidates, n_init, **kwargs: large_problem(x, n_init * len(candidates)),
 )
 def _select_compiled(
     keys: PRNGKey,

@@ -34,6 +34,7 @@ from latentem._base import (
     check_choice,
     check_positive_int,
     check_weights,
+    large_problem,
     tree_all_finite,
     tree_select,
 )
@@ -83,7 +84,11 @@ def _override(params: GaussianMixtureParams, overrides: tuple[Any, Any, Any]) ->
     )
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_iter", "callback"))
+@functools.partial(
+    lem.jit,
+    static_argnames=("model", "max_iter", "callback"),
+    tune_if=lambda model, keys, x, *args, **kwargs: large_problem(x, keys.shape[0]),
+)
 def _fit_restarts(
     model: LatentModel,
     keys: Array,
