@@ -60,7 +60,6 @@ def per_iteration(run_with_iterations, short: int, long: int, repeat: int) -> fl
 
 
 def time_latentem(x, weights, means, covariances, dtype, short, long, repeat):
-    import jax
     import jax.numpy as jnp
 
     import latentem as lem
