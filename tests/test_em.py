@@ -266,3 +266,28 @@ def test_data_captured_by_a_traced_function(dtype, datasets):
     eager, eager_objective = lem.em_step(MODEL, params, x)
     assert_trees_all_close(stepped, eager, rtol=tight(dtype, 1e-12, 1e-5), atol=tight(dtype, 1e-12, 1e-5))
     np.testing.assert_allclose(float(objective), float(eager_objective), rtol=tight(dtype, 1e-12, 1e-6))
+
+
+def test_tuned_compile_gives_the_same_fit_as_jax_jit(dtype):
+    """lem.jit (XLA options of lem.compiler_options) changes speed, not results."""
+    x = jnp.asarray(blobs(3, 150), dtype)
+    params = MODEL.init(jax.random.key(0), x, jnp.ones(x.shape[0], dtype))
+    fit = functools.partial(lem.fit_em, MODEL, max_iter=30, tol=0.0)
+    tuned = lem.jit(fit)(params, x)
+    plain = jax.jit(fit)(params, x)
+    assert_trees_all_close(tuned.params, plain.params, rtol=tight(dtype, 1e-9, 1e-4), atol=1e-6)
+    np.testing.assert_allclose(
+        float(tuned.log_likelihood), float(plain.log_likelihood), rtol=tight(dtype, 1e-12, 1e-6)
+    )
+    options = lem.compiler_options()
+    assert isinstance(options, dict)
+    options["changed"] = "by the caller"
+    assert "changed" not in lem.compiler_options()
+
+
+def test_only_large_fits_pay_for_tuned_compilation():
+    small = np.zeros((1000, 8))
+    large = np.zeros((100_000, 8))
+    assert not lem._base.large_problem(small)
+    assert lem._base.large_problem(large)
+    assert lem._base.large_problem(small, n_fits=100)
