@@ -259,13 +259,22 @@ class EMResult(NamedTuple):
 # Compilation
 # ---------------------------------------------------------------------------
 
-# XLA's CPU compiler hands reductions to YNNPACK "library fusions" by default, and those
-# materialise every operand of a reduction before reducing it. latentem's E- and
-# M-steps are chains of small elementwise products reduced over samples, which XLA's
-# own loop emitter fuses into single passes: with YNNPACK fusions off, an EM iteration
-# of 1000 vmapped (500, 2, 3) fits took 5.2 ms instead of 7.1 ms on a 2-core CPU, and
-# one (1e5, 8, 8) fit 8.0 ms instead of 10.4 ms (jax 0.10.2). GPUs ignore the option.
-_TUNED_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# Two of XLA's CPU defaults cost latentem's programs, which are chains of small
+# elementwise products reduced over the samples:
+# - reductions go to YNNPACK "library fusions", which materialise every operand of a
+#   reduction before reducing it, where XLA's own loop emitter fuses the products in;
+# - the tree-reduction rewrite turns each reduction over more than 32 samples into a
+#   windowed partial reduction plus a second reduction; XLA's CPU reduction loops are
+#   already accurate (float32 sums of 1e6 terms agree to 4e-8 relative with and
+#   without it) and the windowed form is slow.
+# On a 2-core CPU (jax 0.10.2) an EM iteration of 1000 vmapped (500, 2, 3) fits took
+# 7.1 ms with the defaults, 5.2 ms without YNNPACK fusions and 3.5 ms without either.
+# Both are CPU passes: on other backends the options are left out (a GPU needs the tree
+# rewrite for parallel reductions).
+_TUNED_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": "",
+    "xla_disable_hlo_passes": "tree_reduction_rewriter",
+}
 
 
 @functools.cache
@@ -285,16 +294,19 @@ def compiler_options() -> dict[str, str]:
     """The XLA compiler options latentem compiles its own programs with.
 
     ``lem.fit``, ``lem.fit_batch``, ``lem.select_n_components`` and the estimator use
-    them already. Pass them to your own ``jax.jit`` of latentem functions (or use
-    :func:`jit`): ``jax.jit(f, compiler_options=lem.compiler_options())``. Empty when
-    the installed JAX does not support them.
+    them already for large problems. Pass them to your own ``jax.jit`` of latentem
+    functions (or use :func:`jit`): ``jax.jit(f, compiler_options=lem.compiler_options())``.
+    They only change how XLA compiles for a CPU; empty on other backends and when the
+    installed JAX does not support them.
 
     Example:
       >>> import latentem as lem
       >>> isinstance(lem.compiler_options(), dict)
       True
     """
-    return dict(_TUNED_OPTIONS) if _tuned_options_supported() else {}
+    if jax.default_backend() != "cpu" or not _tuned_options_supported():
+        return {}
+    return dict(_TUNED_OPTIONS)
 
 
 def jit(fun: Callable, *, tune_if: Callable[..., bool] | None = None, **jit_kwargs: Any) -> Callable:

@@ -391,3 +391,22 @@ def test_chunked_computation_equals_unchunked(covariance_type, dtype, product_pa
     np.testing.assert_allclose(chunked_responsibilities, responsibilities, rtol=0, atol=rtol)
     np.testing.assert_allclose(float(chunked_objective), float(objective), rtol=rtol)
     assert_trees_all_close(chunked_stepped, stepped, rtol=rtol * 10, atol=rtol)
+
+
+@pytest.mark.parametrize("n_features", [1, 2, 3, 4, 5, 6])
+def test_precision_cholesky_matches_sklearn(n_features, dtype):
+    """Written-out factors up to four features, LAPACK above: both equal scikit-learn's."""
+    module = importlib.import_module("latentem.models.gaussian_mixture")
+    rng = np.random.default_rng(n_features)
+    factors = rng.standard_normal((7, n_features, n_features))
+    covariances = factors @ np.swapaxes(factors, 1, 2) + 0.5 * np.eye(n_features)
+    full = module.precision_cholesky(jnp.asarray(covariances, dtype), "full")
+    tied = module.precision_cholesky(jnp.asarray(covariances[0], dtype), "tied")
+    rtol = rtol_for(dtype, 1e-12, 1e-4)
+    np.testing.assert_allclose(full, _compute_precision_cholesky(covariances, "full"), rtol=rtol, atol=rtol)
+    np.testing.assert_allclose(
+        tied, _compute_precision_cholesky(covariances[0], "tied"), rtol=rtol, atol=rtol
+    )
+    indefinite = np.eye(n_features)
+    indefinite[-1, -1] = -1.0
+    assert np.isnan(np.asarray(module.precision_cholesky(jnp.asarray(indefinite, dtype)[None], "full"))).any()
