@@ -250,12 +250,6 @@ class EMResult(NamedTuple):
 
 
 # ---------------------------------------------------------------------------
-# Input checks. Shape checks are static and run under jit; value checks run only on
-# concrete (eager) arrays, since traced values cannot be inspected.
-# ---------------------------------------------------------------------------
-
-
-# ---------------------------------------------------------------------------
 # Compilation
 # ---------------------------------------------------------------------------
 
@@ -368,6 +362,12 @@ def large_problem(x: Array, n_fits: int = 1) -> bool:
     """Whether fitting ``x`` (``n_fits`` times) is large enough for
     :func:`compiler_options` to pay off."""
     return int(np.prod(x.shape)) * n_fits >= _TUNE_MIN_VALUES
+
+
+# ---------------------------------------------------------------------------
+# Input checks. Shape checks are static and run under jit; value checks run only on
+# concrete (eager) arrays, since traced values cannot be inspected.
+# ---------------------------------------------------------------------------
 
 
 def is_concrete(*arrays: Any) -> bool:
