@@ -285,9 +285,12 @@ def test_tuned_compile_gives_the_same_fit_as_jax_jit(dtype):
     assert "changed" not in lem.compiler_options()
 
 
-def test_only_large_fits_pay_for_tuned_compilation():
+def test_only_large_fits_pay_for_tuned_compilation(dtype, datasets):
     small = np.zeros((1000, 8))
     large = np.zeros((100_000, 8))
     assert not lem._base.large_problem(small)
     assert lem._base.large_problem(large)
     assert lem._base.large_problem(small, n_fits=100)
+    # A small fit compiles (or reuses) the program with XLA's default options.
+    lem.fit(MODEL, jax.random.key(0), jnp.asarray(datasets[0], dtype))
+    assert False in lem._em._fit_compiled._variants
