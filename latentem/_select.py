@@ -38,7 +38,15 @@ from latentem._base import (
     large_problem,
 )
 from latentem._batch import check_batch, check_batch_weights, dataset_keys
-from latentem._em import best_restart, e_step, fit_em, score, warn_on_status
+from latentem._em import (
+    _any_empty_state,
+    _weighted_posterior,
+    best_restart,
+    e_step,
+    fit_em,
+    score,
+    warn_on_status,
+)
 from latentem.models.gaussian_mixture import COVARIANCE_TYPES, GaussianMixtureParams, gaussian_mixture
 
 CRITERIA = ("bic", "aic", "heldout")
@@ -554,9 +562,10 @@ def _own_status(
     the engine's threshold (round-off of the total weight).
     """
     responsibilities, _ = e_step(model, result.params, x)
-    mass = jnp.where(weights[:, None] > 0, responsibilities * weights[:, None], 0).sum(axis=0)
+    mass = _weighted_posterior(responsibilities, weights).sum(axis=0)
     own = jnp.arange(mass.shape[0], dtype=jnp.int32) < n_own_components
-    empty = jnp.any(own & (mass <= jnp.finfo(mass.dtype).eps * weights.sum().astype(mass.dtype)))
+    # Switched-off components are never empty for this purpose.
+    empty = _any_empty_state(jnp.where(own, mass, jnp.inf), weights.sum())
     running = jnp.where(result.converged, int(Status.CONVERGED), int(Status.MAX_ITER))
     return jnp.where(
         result.status == int(Status.EMPTY_COMPONENT),
