@@ -268,21 +268,38 @@ def test_data_captured_by_a_traced_function(dtype, datasets):
     np.testing.assert_allclose(float(objective), float(eager_objective), rtol=tight(dtype, 1e-12, 1e-6))
 
 
-def test_tuned_compile_gives_the_same_fit_as_jax_jit(dtype):
-    """lem.jit (XLA options of lem.compiler_options) changes speed, not results."""
+@pytest.mark.parametrize("tuned", [True, False], ids=["tuned", "quick-compile"])
+def test_tuned_compile_gives_the_same_fit_as_jax_jit(dtype, tuned):
+    """lem.jit's XLA options (lem.compiler_options for large problems, a quicker LLVM
+    optimisation level for small ones) change speed, not results."""
     x = jnp.asarray(blobs(3, 150), dtype)
     params = MODEL.init(jax.random.key(0), x, jnp.ones(x.shape[0], dtype))
     fit = functools.partial(lem.fit_em, MODEL, max_iter=30, tol=0.0)
-    tuned = lem.jit(fit)(params, x)
+    ours = lem.jit(fit, tune_if=lambda *args: tuned)(params, x)
     plain = jax.jit(fit)(params, x)
-    assert_trees_all_close(tuned.params, plain.params, rtol=tight(dtype, 1e-9, 1e-4), atol=1e-6)
+    assert_trees_all_close(ours.params, plain.params, rtol=tight(dtype, 1e-9, 1e-4), atol=1e-6)
     np.testing.assert_allclose(
-        float(tuned.log_likelihood), float(plain.log_likelihood), rtol=tight(dtype, 1e-12, 1e-6)
+        float(ours.log_likelihood), float(plain.log_likelihood), rtol=tight(dtype, 1e-12, 1e-6)
     )
     options = lem.compiler_options()
     assert isinstance(options, dict)
     options["changed"] = "by the caller"
     assert "changed" not in lem.compiler_options()
+
+
+@pytest.mark.parametrize("n_samples", [300, 70_000], ids=["small", "large"])
+def test_fit_inside_a_user_jit_compiles_without_options(dtype, n_samples):
+    """jax.jit takes compiler options only at the top level: lem.fit called inside a
+    user's jit (tuned for large data, quick-compile for small) must not pass them."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((n_samples, 8)), dtype)
+    assert lem._base.large_problem(x) == (n_samples > 1000)
+    fit = functools.partial(lem.fit, MODEL, max_iter=2, tol=0.0)
+    inside = jax.jit(lambda x: fit(jax.random.key(0), x))(x)
+    with pytest.warns(lem.ConvergenceWarning, match="MAX_ITER"):  # eager fits warn
+        outside = fit(jax.random.key(0), x)
+    np.testing.assert_allclose(
+        float(inside.log_likelihood), float(outside.log_likelihood), rtol=tight(dtype, 1e-10, 1e-5)
+    )
 
 
 def test_only_large_fits_pay_for_tuned_compilation(dtype, datasets):
@@ -291,6 +308,6 @@ def test_only_large_fits_pay_for_tuned_compilation(dtype, datasets):
     assert not lem._base.large_problem(small)
     assert lem._base.large_problem(large)
     assert lem._base.large_problem(small, n_fits=100)
-    # A small fit compiles (or reuses) the program with XLA's default options.
+    # A small fit compiles (or reuses) the untuned program (quick-compile options).
     lem.fit(MODEL, jax.random.key(0), jnp.asarray(datasets[0], dtype))
     assert False in lem._em._fit_compiled._variants
