@@ -18,6 +18,7 @@ import optax
 
 from latentem._base import (
     Array,
+    Callback,
     LatentModel,
     Params,
     Status,
@@ -145,6 +146,7 @@ def fit_gradient(
     weights: Array | None = None,
     num_steps: int = 1000,
     tol: float | Array | None = None,
+    callback: Callback | None = None,
 ) -> GradientResult:
     r"""Maximise EM's objective by gradient descent with an optax optimizer.
 
@@ -181,6 +183,10 @@ def fit_gradient(
       num_steps: maximum number of optimizer steps (a Python int).
       tol: stop when the objective changes by less than this in one step; ``None``
         (or ``0``) runs all ``num_steps``.
+      callback: optional ``callback(step, objective)`` called on the host through
+        ``jax.debug.callback`` with the objective at the start (``step`` 0) and after
+        each optimizer step, as :func:`~latentem.fit_em`'s; for progress displays and
+        side-by-side EM / gradient traces. ``None`` adds nothing to the compiled program.
 
     Returns:
       A :class:`GradientResult` with the fields of an ``EMResult`` (``n_steps`` in
@@ -210,7 +216,9 @@ def fit_gradient(
     if tol is None:
         tol = 0.0  # |change| < 0 never holds: run every step
     check_nonnegative(tol, "tol")
-    result = _fit_gradient_compiled(model, optimizer, params, x, weights, tol, num_steps=num_steps)
+    result = _fit_gradient_compiled(
+        model, optimizer, params, x, weights, tol, num_steps=num_steps, callback=callback
+    )
     if is_concrete(result.status):
         _warn_on_status(result.status, num_steps, expect_convergence)
     return result
@@ -233,7 +241,7 @@ def _warn_on_status(status: Array, num_steps: int, expect_convergence: bool) -> 
     warn_status_counts(status, messages)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "optimizer", "num_steps"))
+@functools.partial(jax.jit, static_argnames=("model", "optimizer", "num_steps", "callback"))
 def _fit_gradient_compiled(
     model: LatentModel,
     optimizer: optax.GradientTransformation,
@@ -243,6 +251,7 @@ def _fit_gradient_compiled(
     tol: Array,
     *,
     num_steps: int,
+    callback: Callback | None = None,
 ) -> GradientResult:
     # Plain transformations ignore the line-search arguments; L-BFGS needs them.
     optimizer = optax.with_extra_args_support(optimizer)
@@ -263,6 +272,8 @@ def _fit_gradient_compiled(
         status=jnp.where(start_finite, _RUNNING, int(Status.NONFINITE)).astype(jnp.int32),
         history=jnp.full((num_steps,), jnp.nan, value.dtype),
     )
+    if callback is not None:
+        jax.debug.callback(callback, state.n_steps, -value)
 
     def keep_going(state: _GradientState) -> Array:
         return (state.status == _RUNNING) & (state.n_steps < num_steps)
@@ -284,6 +295,8 @@ def _fit_gradient_compiled(
         status = jnp.where(
             finite, jnp.where(converged, int(Status.CONVERGED), _RUNNING), int(Status.NONFINITE)
         )
+        if callback is not None:
+            jax.debug.callback(callback, state.n_steps + 1, -new_value)
         return _GradientState(
             unconstrained=tree_select(finite, new_unconstrained, state.unconstrained),
             optimizer_state=tree_select(finite, new_optimizer_state, state.optimizer_state),

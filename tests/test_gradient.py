@@ -331,6 +331,30 @@ def test_runs_all_steps_without_tol(x, start):
     np.testing.assert_allclose(float(result.history[-1]), float(result.log_likelihood), rtol=rtol)
 
 
+def test_progress_callback_reports_every_step(x, start):
+    model = lem.gaussian_mixture(N_COMPONENTS, "full")
+    calls = []
+    callback = lambda step, objective: calls.append((int(step), float(objective)))
+    # Off: nothing of the callback reaches the compiled program.
+    fit = lambda callback: (
+        lambda params: lem.fit_gradient(model, params, x, ADAM, num_steps=5, callback=callback)
+    )
+    assert "callback" not in str(jax.make_jaxpr(fit(None))(start["full"]))
+    assert "callback" in str(jax.make_jaxpr(fit(callback))(start["full"]))
+    assert not calls  # tracing alone reports nothing
+    # On: step 0 is the start, then one call per step with the objective after it,
+    # the values the history records.
+    result = lem.fit_gradient(model, start["full"], x, ADAM, num_steps=NUM_STEPS, tol=TOL, callback=callback)
+    jax.effects_barrier()
+    n_steps = int(result.n_steps)
+    assert n_steps >= 3
+    assert [step for step, _ in calls] == list(range(n_steps + 1))
+    start_objective = float(lem.score(model, start["full"], x))
+    rtol = 1e-12 if is_x64() else 1e-6
+    np.testing.assert_allclose(calls[0][1], start_objective, rtol=rtol)
+    np.testing.assert_allclose([value for _, value in calls[1:]], result.history[:n_steps], rtol=rtol)
+
+
 def test_stops_on_nonfinite_with_last_finite_params(x, start):
     model = lem.gaussian_mixture(N_COMPONENTS, "spherical")
     with pytest.warns(lem.ConvergenceWarning, match="NONFINITE"):
