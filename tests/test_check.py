@@ -79,23 +79,25 @@ def test_flags_ignored_weights(reports):
     assert "params.weights" in report["weights"].message
 
 
-def test_flags_a_log_joint_missing_the_mixture_weights(reports):
+def test_flags_a_log_joint_missing_the_mixture_weights(reports, counts):
     report = reports["missing_mixture_weights"]
     failed = {finding.name for finding in report.failures}
-    # The gradient check always sees it; the sampling checks when the weights they draw
-    # from are unequal enough (with equal weights the mistake is only a constant shift).
-    assert (
-        {"uses_parameters", "sample_recovery"}
-        <= failed
-        <= {
-            "uses_parameters",
-            "sample_calibration",
-            "sample_recovery",
-        }
-    ), str(report)
+    # The gradient check always sees it, and nothing but the three checks that can fails.
+    assert "uses_parameters" in failed, str(report)
+    assert failed <= {"uses_parameters", "sample_calibration", "sample_recovery"}, str(report)
     assert "does not depend on params.weights" in report["uses_parameters"].message
-    assert "sample and log_joint disagree" in report["sample_recovery"].message
     assert report["m_step_stationary"].passed is True  # the M-step itself is right
+    # The sampling checks are statistical: they see it when a point they draw from has
+    # unequal weights and overlapping states. Over five keys, most must see it.
+    recovery = [report["sample_recovery"]] + [
+        lem.check_model(MODELS["missing_mixture_weights"], jax.random.key(seed), counts, n_samples=2000)[
+            "sample_recovery"
+        ]
+        for seed in range(1, 5)
+    ]
+    flagged = [finding for finding in recovery if finding.passed is False]
+    assert len(flagged) >= 3, [finding.message for finding in recovery]
+    assert all("sample and log_joint disagree" in finding.message for finding in flagged)
 
 
 def test_report_reads_in_plain_words_and_can_raise(reports):

@@ -249,7 +249,15 @@ def test_fit_from_a_zero_weight_component(x, start, dtype):
     assert int(result.status) == lem.Status.EMPTY_COMPONENT
     assert all(np.isfinite(np.asarray(leaf)).all() for leaf in result.params)
     assert float(result.params.weights[2]) <= 1e-30
-    np.testing.assert_allclose(float(result.log_likelihood), float(em.log_likelihood), rtol=0, atol=1e-3)
+    # A local optimum of the two live components: EM started from it gains nothing, and
+    # it is no worse than the one EM reaches from the same start. (Which optimum L-BFGS
+    # reaches depends on its line search: with optax 0.2.8 EM's own, with optax 0.2.3
+    # a better one, -4.232 against EM's -4.254 in float64.)
+    polished = fit_em(model, result.params, x, max_iter=500, tol=TOL)
+    np.testing.assert_allclose(
+        float(polished.log_likelihood), float(result.log_likelihood), rtol=0, atol=1e-7 if is_x64() else 1e-5
+    )
+    assert float(result.log_likelihood) >= float(em.log_likelihood) - 1e-3
 
 
 # ---------------------------------------------------------------------------
