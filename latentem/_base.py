@@ -271,19 +271,27 @@ _TUNED_OPTIONS = {
 }
 
 
-# Small programs the other way round: XLA's compile is most of their first call, and
-# LLVM's second optimisation level (XLA's default) adds about 0.3 s to the compile of
-# a Gaussian mixture fit (1.25 -> 0.95 s on a 2-core CPU) for run times that moved by
-# -19% to +17% across (1e3 to 6e4 samples, 2 to 16 features); below the size where
-# the tuned options pay off, a fit runs for well under that saving.
+# Small single fits the other way round: XLA's compile is most of their first call,
+# and LLVM's second optimisation level (XLA's default) adds 0.1 to 0.3 s to the compile
+# of a Gaussian mixture fit on a 2-core CPU, for run times that moved by -19% to +17%
+# across (1e3 to 6e4 samples, 2 to 16 features); below the size where the tuned options
+# pay off, a fit runs for less than that saving. Not for batches: the optimisation
+# level changes where XLA contracts multiply-adds into FMAs, so a batch and the same
+# batch without some members, two programs, could differ in the last bit
+# (tests/test_batch.py::test_degenerate_members_leave_the_others_bitwise_equal).
 _QUICK_COMPILE_OPTIONS = {"xla_backend_optimization_level": 1}
 
 
 @functools.cache
+def _jit_takes_compiler_options() -> bool:
+    return "compiler_options" in inspect.signature(jax.jit).parameters  # not in older JAX
+
+
+@functools.cache
 def _options_supported(options: tuple[tuple[str, Any], ...]) -> bool:
-    # Older jax.jit has no compiler_options; older XLA does not know every option (and
-    # has no YNNPACK fusions to turn off). A probe compile tells both apart.
-    if "compiler_options" not in inspect.signature(jax.jit).parameters:
+    # Older XLA does not know every option (and has no YNNPACK fusions to turn off); a
+    # probe compile tells.
+    if not _jit_takes_compiler_options():
         return False
     try:
         jax.jit(lambda a: a + 1, compiler_options=dict(options)).lower(np.float32(0)).compile()
@@ -292,11 +300,13 @@ def _options_supported(options: tuple[tuple[str, Any], ...]) -> bool:
     return True
 
 
-def _cpu_options(options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` on a CPU backend whose XLA accepts them, else none."""
-    if jax.default_backend() != "cpu" or not _options_supported(tuple(sorted(options.items()))):
+def _cpu_options(options: dict[str, Any], probe: bool = True) -> dict[str, Any]:
+    """``options`` on a CPU backend whose XLA accepts them (``probe=False``: any XLA
+    that takes compiler options does), else none."""
+    if jax.default_backend() != "cpu":
         return {}
-    return dict(options)
+    supported = _options_supported(tuple(sorted(options.items()))) if probe else _jit_takes_compiler_options()
+    return dict(options) if supported else {}
 
 
 def compiler_options() -> dict[str, str]:
@@ -316,16 +326,23 @@ def compiler_options() -> dict[str, str]:
     return _cpu_options(_TUNED_OPTIONS)
 
 
-def jit(fun: Callable, *, tune_if: Callable[..., bool] | None = None, **jit_kwargs: Any) -> Callable:
+def jit(
+    fun: Callable,
+    *,
+    tune_if: Callable[..., bool] | None = None,
+    quick_compile: bool = False,
+    **jit_kwargs: Any,
+) -> Callable:
     """``jax.jit(fun, **jit_kwargs)`` with :func:`compiler_options`.
 
     The options are looked up on the first use, so decorating at import time does not
     start JAX's backends. The result behaves as the jitted function (``.lower``,
     ``.trace``, ...). ``tune_if(*args, **kwargs)``, if given, decides per call whether
     to compile with the options (they make XLA's compile slower, by about 0.15 s for a
-    Gaussian mixture fit on a 2-core CPU, which only pays off on large problems); when
-    it says no, a CPU program is compiled for a short compile instead (LLVM's first
-    optimisation level rather than its second). Called inside another transformation
+    Gaussian mixture fit on a 2-core CPU, which only pays off on large problems). When
+    it says no and ``quick_compile`` is set, a CPU program is compiled for a short
+    compile instead (LLVM's first optimisation level rather than its second; ``lem.fit``
+    and the estimator do this for small fits). Called inside another transformation
     (your own ``jax.jit``, ``vmap``, ...), it is a plain nested ``jax.jit``: XLA takes
     compiler options only for the outermost program.
 
@@ -338,24 +355,34 @@ def jit(fun: Callable, *, tune_if: Callable[..., bool] | None = None, **jit_kwar
       >>> int(fit(params, x).n_iter)
       5
     """
-    return _LazyJit(fun, jit_kwargs, tune_if)
+    return _LazyJit(fun, jit_kwargs, tune_if, quick_compile)
 
 
 class _LazyJit:
     """``jax.jit``-ed variants of a function, created on first use (see :func:`jit`)."""
 
-    def __init__(self, fun: Callable, jit_kwargs: dict[str, Any], tune_if: Callable[..., bool] | None):
+    def __init__(
+        self,
+        fun: Callable,
+        jit_kwargs: dict[str, Any],
+        tune_if: Callable[..., bool] | None,
+        quick_compile: bool,
+    ):
         functools.update_wrapper(self, fun)
         self._fun, self._jit_kwargs, self._tune_if = fun, jit_kwargs, tune_if
+        self._quick_compile = quick_compile
         self._variants: dict[bool, Callable] = {}
 
     def _variant(self, tuned: bool | None) -> Callable:
-        """``tuned``: the tuned options; ``False``: quick-compile ones; ``None``: none."""
+        """``tuned``: the tuned options; ``False``: quick-compile ones if asked for;
+        ``None``: none."""
         if tuned not in self._variants:
-            if tuned is None:
+            if tuned is None or (not tuned and not self._quick_compile):
                 options = {}
             else:
-                options = compiler_options() if tuned else _cpu_options(_QUICK_COMPILE_OPTIONS)
+                # The optimisation level is an XLA option as old as compiler_options:
+                # no probe compile (which would cost a small fit 0.03 s).
+                options = compiler_options() if tuned else _cpu_options(_QUICK_COMPILE_OPTIONS, probe=False)
             extra = {"compiler_options": options} if options else {}
             self._variants[tuned] = jax.jit(self._fun, **self._jit_kwargs, **extra)
         return self._variants[tuned]
@@ -373,7 +400,13 @@ class _LazyJit:
         return sum(variant._cache_size() for variant in self._variants.values())
 
     def __getattr__(self, name: str) -> Any:  # lower, trace, ... of the tuned variant
-        if name.startswith("__") or name in ("_fun", "_jit_kwargs", "_tune_if", "_variants"):
+        if name.startswith("__") or name in (
+            "_fun",
+            "_jit_kwargs",
+            "_tune_if",
+            "_quick_compile",
+            "_variants",
+        ):
             raise AttributeError(name)
         return getattr(self._variant(True), name)
 
@@ -446,7 +479,7 @@ def check_x(x: Any, *, name: str = "x") -> Array:
         # fit of a session pays for every eager JAX operation it runs).
         finite_rows = np.isfinite(x).all(axis=1) if np.issubdtype(x.dtype, np.inexact) else None
         all_finite = finite_rows is None or bool(finite_rows.all())
-        x = jnp.asarray(x)
+        x = _transfer(x, jnp)
     else:
         x = jnp.asarray(x)
         # One scalar crosses to the host in the common case; the rows only on failure.
@@ -477,7 +510,7 @@ def check_weights(weights: Any, n_samples: int, dtype: Any, *, xp: Any = jnp) ->
     """
     if weights is None:
         # Built on the host and transferred: jnp.ones would compile a program.
-        return xp.asarray(np.ones((n_samples,), dtype))
+        return _transfer(np.ones((n_samples,), dtype), xp)
     if not isinstance(weights, jax.Array):
         weights = np.asarray(weights)  # checked and converted on the host
     if weights.ndim != 1 or weights.shape[0] != n_samples:
@@ -495,7 +528,15 @@ def check_weights(weights: Any, n_samples: int, dtype: Any, *, xp: Any = jnp) ->
             raise ValueError(f"weights must be non-negative; negative at rows {rows}.")
         if not values.sum() > 0:
             raise ValueError("weights are all zero; at least one sample needs positive weight.")
-    return xp.asarray(weights)
+    return _transfer(weights, xp)
+
+
+def _transfer(values: Any, xp: Any) -> Any:
+    """``xp.asarray(values)``; NumPy values go to the device with ``jax.device_put``,
+    which (unlike ``jnp.asarray``, in jax 0.10) compiles no small program per shape."""
+    if xp is jnp and isinstance(values, np.ndarray):
+        return jax.device_put(values)
+    return xp.asarray(values)
 
 
 def check_positive_int(value: Any, name: str, *, minimum: int = 1) -> int:

@@ -432,6 +432,7 @@ def fit(
     jit,
     static_argnames=("model", "n_init", "max_iter", "callback"),
     tune_if=lambda model, key, x, *args, n_init, **kwargs: large_problem(x, n_init),
+    quick_compile=True,
 )
 def _fit_compiled(
     model: LatentModel,

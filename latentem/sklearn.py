@@ -88,6 +88,7 @@ def _override(params: GaussianMixtureParams, overrides: tuple[Any, Any, Any]) ->
     lem.jit,
     static_argnames=("model", "max_iter", "callback"),
     tune_if=lambda model, keys, x, *args, **kwargs: large_problem(x, keys.shape[0]),
+    quick_compile=True,
 )
 def _fit_restarts(
     model: LatentModel,
