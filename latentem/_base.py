@@ -371,7 +371,7 @@ class _LazyJit:
         functools.update_wrapper(self, fun)
         self._fun, self._jit_kwargs, self._tune_if = fun, jit_kwargs, tune_if
         self._quick_compile = quick_compile
-        self._variants: dict[bool, Callable] = {}
+        self._variants: dict[bool | None, Callable] = {}
 
     def _variant(self, tuned: bool | None) -> Callable:
         """``tuned``: the tuned options; ``False``: quick-compile ones if asked for;
