@@ -377,12 +377,14 @@ class _LazyJit:
         """``tuned``: the tuned options; ``False``: quick-compile ones if asked for;
         ``None``: none."""
         if tuned not in self._variants:
-            if tuned is None or (not tuned and not self._quick_compile):
-                options = {}
-            else:
+            if tuned:
+                options = compiler_options()
+            elif tuned is False and self._quick_compile:
                 # The optimisation level is an XLA option as old as compiler_options:
                 # no probe compile (which would cost a small fit 0.03 s).
-                options = compiler_options() if tuned else _cpu_options(_QUICK_COMPILE_OPTIONS, probe=False)
+                options = _cpu_options(_QUICK_COMPILE_OPTIONS, probe=False)
+            else:
+                options = {}
             extra = {"compiler_options": options} if options else {}
             self._variants[tuned] = jax.jit(self._fun, **self._jit_kwargs, **extra)
         return self._variants[tuned]
@@ -400,13 +402,7 @@ class _LazyJit:
         return sum(variant._cache_size() for variant in self._variants.values())
 
     def __getattr__(self, name: str) -> Any:  # lower, trace, ... of the tuned variant
-        if name.startswith("__") or name in (
-            "_fun",
-            "_jit_kwargs",
-            "_tune_if",
-            "_quick_compile",
-            "_variants",
-        ):
+        if name.startswith("_"):  # own attributes not set yet (copy, pickle), dunders
             raise AttributeError(name)
         return getattr(self._variant(True), name)
 
