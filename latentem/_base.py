@@ -142,6 +142,23 @@ class FromUnconstrainedFn(Protocol):
     def __call__(self, unconstrained: Any) -> Params: ...
 
 
+class FusedStepFn(Protocol):
+    r"""One EM iteration as one computation, for models that have a faster way to do it.
+
+    ``fused_step(params, x, weights) -> (new_params, log_likelihood, state_mass)`` or
+    ``None``. It must equal what the engine would do with ``log_joint`` and
+    ``m_step``: ``new_params = m_step(x, w * r, params)`` with ``r`` the softmax of the
+    log joint; ``log_likelihood`` is :math:`\sum_{n: w_n > 0} w_n \log p(x_n)` (a
+    scalar) and ``state_mass`` is :math:`\sum_n w_n r_{nk}`. Returning ``None`` (a
+    decision on static shapes and dtypes, at trace time) declines: the engine then uses
+    ``log_joint`` and ``m_step``. Used by :func:`latentem.fit_em` and everything built
+    on it, not by ``e_step``, ``predict`` or the gradient path; ``check_model`` compares
+    it with the unfused iteration.
+    """
+
+    def __call__(self, params: Params, x: Array, weights: Array) -> tuple[Params, Array, Array] | None: ...
+
+
 class LatentModel(NamedTuple):
     """A latent variable model as a tuple of pure functions.
 
@@ -162,6 +179,9 @@ class LatentModel(NamedTuple):
       log_prior: :class:`LogPriorFn`, turns EM into MAP-EM; optional.
       to_unconstrained: :class:`ToUnconstrainedFn`, for ``fit_gradient``; optional.
       from_unconstrained: :class:`FromUnconstrainedFn`, for ``fit_gradient``; optional.
+      fused_step: :class:`FusedStepFn`, a faster EM iteration equal to the one the
+        engine derives (the Gaussian mixture's GPU kernel for batches of small fits);
+        optional.
 
     Example:
       A mixture of Poisson distributions (count data, one rate per component and
@@ -192,6 +212,7 @@ class LatentModel(NamedTuple):
     log_prior: LogPriorFn | None = None
     to_unconstrained: ToUnconstrainedFn | None = None
     from_unconstrained: FromUnconstrainedFn | None = None
+    fused_step: FusedStepFn | None = None
 
 
 # ---------------------------------------------------------------------------

@@ -13,7 +13,8 @@ properties numerically on the user's data:
   complete-data objective :math:`Q(\theta; R) = \sum_{nk} R_{nk} \log p(x_n, z_n = k
   \mid \theta) + \log p(\theta)`: it is no lower than the input parameters or nearby
   points, and its gradient (by autodiff, in unconstrained coordinates) vanishes;
-- EM from ``init`` never lowers the objective;
+- EM from ``init`` never lowers the objective, and a model's fused EM iteration (if
+  it has one) equals the one derived from ``log_joint`` and ``m_step``;
 - a zero sample weight equals removing the sample, an integer weight repeating it;
 - ``sample`` draws from the distribution ``log_joint`` describes: the states it draws
   are calibrated against the posterior, and EM started at the true parameters on a
@@ -48,7 +49,7 @@ from latentem._base import (
     float_dtype,
     tree_all_finite,
 )
-from latentem._em import e_step, em_step
+from latentem._em import _em_iteration, e_step, em_step
 
 # Names of the checks, in the order they run.
 FUNCTIONS = "functions"
@@ -58,6 +59,7 @@ USES_PARAMETERS = "uses_parameters"
 M_STEP_IMPROVES = "m_step_improves"
 M_STEP_STATIONARY = "m_step_stationary"
 EM_MONOTONE = "em_monotone"
+FUSED_STEP = "fused_step"
 WEIGHTS = "weights"
 SAMPLE_CALIBRATION = "sample_calibration"
 SAMPLE_RECOVERY = "sample_recovery"
@@ -69,6 +71,7 @@ CHECKS = (
     M_STEP_IMPROVES,
     M_STEP_STATIONARY,
     EM_MONOTONE,
+    FUSED_STEP,
     WEIGHTS,
     SAMPLE_CALIBRATION,
     SAMPLE_RECOVERY,
@@ -201,6 +204,14 @@ class _Programs:
         self.model = model
         self.init = jax.jit(model.init)
         self.step = jax.jit(lambda params, x, weights: em_step(model, params, x, weights))
+        if model.fused_step is not None:
+            unfused = model._replace(fused_step=None)
+            self.iterations = {
+                name: jax.jit(
+                    lambda params, x, weights, m=m: _em_iteration(m, params, x, weights, weights.sum())
+                )
+                for name, m in (("fused", model), ("unfused", unfused))
+            }
         self.sample = jax.jit(model.sample, static_argnums=2) if model.sample is not None else None
         self.log_joint = jax.jit(model.log_joint) if model.log_joint is not None else None
         self.marginal_gradient = jax.jit(jax.grad(self._marginal))
@@ -675,6 +686,38 @@ def _check_em_monotone(ctx: _Context) -> str:
     )
 
 
+def _check_fused_step(ctx: _Context) -> str:
+    """The model's fused EM iteration equals the one the engine derives from log_joint
+    and m_step (new parameters, objective, state mass), to round-off."""
+    model, x, weights = ctx.model, ctx.x, ctx.weights
+    if model.fused_step is None:
+        raise _Skipped("the model has no fused_step.")
+    if model.posterior is not None:
+        raise _Skipped("the model has a posterior, which the engine uses instead of fused_step.")
+    if jax.eval_shape(model.fused_step, ctx.params, x, weights) is None:
+        raise _Skipped("fused_step declines data of this size; the engine uses log_joint and m_step.")
+    tolerance = 1000 * float(np.finfo(ctx.dtype).eps)
+    params, worst = ctx.params, 0.0
+    for _ in range(3):  # at init's parameters and after one and two EM steps
+        fused = ctx.programs.iterations["fused"](params, x, weights)
+        unfused = ctx.programs.iterations["unfused"](params, x, weights)
+        difference, where = _max_relative_difference(fused[0], unfused[0])
+        objective = abs(float(fused[1]) - float(unfused[1])) / (1 + abs(float(unfused[1])))
+        mass = float(jnp.max(jnp.abs(fused[2] - unfused[2]))) / float(weights.sum())
+        for value, what in ((difference, where), (objective, "the objective"), (mass, "the state mass")):
+            if not value <= tolerance:
+                raise _Failed(
+                    f"fused_step differs from the EM iteration of log_joint and m_step in {what} by "
+                    f"{value:.2g} (relative; allowed {tolerance:.1g}). It must compute the same iteration."
+                )
+            worst = max(worst, value)
+        params = unfused[0]
+    return (
+        "fused_step equals the iteration of log_joint and m_step over 3 steps "
+        f"(largest relative difference {worst:.1g})."
+    )
+
+
 def _check_weights(ctx: _Context) -> str:
     model, programs, x, params = ctx.model, ctx.programs, ctx.x, ctx.params
     n = x.shape[0]
@@ -841,6 +884,10 @@ def check_model(
       point (Fisher's identity).
     ``em_monotone``
       ``n_em_steps`` EM steps from ``init`` never lower the objective.
+    ``fused_step``
+      a model's optional fused EM iteration equals the one derived from ``log_joint``
+      and ``m_step`` (parameters, objective, state mass; to ``1000 eps`` relative),
+      over three steps from ``init``.
     ``weights``
       zero weight equals removal and integer weight repetition (one EM step), and
       ``init`` ignores samples of zero weight.
@@ -932,6 +979,7 @@ def check_model(
     else:
         run(M_STEP_STATIONARY, lambda: _check_m_step_stationary(ctx, analyses))
     run(EM_MONOTONE, lambda: _check_em_monotone(ctx))
+    run(FUSED_STEP, lambda: _check_fused_step(ctx))
     run(WEIGHTS, lambda: _check_weights(ctx))
     if model.sample is None:
         for name in (SAMPLE_CALIBRATION, SAMPLE_RECOVERY):

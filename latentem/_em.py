@@ -138,19 +138,22 @@ def _weighted_posterior(posterior: Posterior, weights: Array, sample_axis: int =
     return jax.tree_util.tree_map(scale, posterior)
 
 
-def _mean_log_likelihood(log_likelihood: Array, weights: Array, total_weight: Array) -> Array:
-    """Sum of ``w_n log p(x_n)`` over samples of positive weight, per unit of weight."""
+def _weighted_log_likelihood(log_likelihood: Array, weights: Array) -> Array:
+    """Sum of ``w_n log p(x_n)`` over samples of positive weight."""
     weights = weights.astype(log_likelihood.dtype)
     # where, not a product: a zero-weight sample with log p = -inf must not give NaN.
-    contributions = jnp.where(weights > 0, weights * log_likelihood, jnp.zeros_like(log_likelihood))
-    return contributions.sum() / total_weight.astype(log_likelihood.dtype)
+    return jnp.where(weights > 0, weights * log_likelihood, jnp.zeros_like(log_likelihood)).sum()
 
 
-def _objective(
-    model: LatentModel, params: Params, log_likelihood: Array, weights: Array, total_weight: Array
-) -> Array:
-    """The EM objective: mean log-likelihood, plus ``log_prior / total_weight``."""
-    objective = _mean_log_likelihood(log_likelihood, weights, total_weight)
+def _mean_log_likelihood(log_likelihood: Array, weights: Array, total_weight: Array) -> Array:
+    """Sum of ``w_n log p(x_n)`` over samples of positive weight, per unit of weight."""
+    return _weighted_log_likelihood(log_likelihood, weights) / total_weight.astype(log_likelihood.dtype)
+
+
+def _objective(model: LatentModel, params: Params, log_likelihood_sum: Array, total_weight: Array) -> Array:
+    """The EM objective from ``sum_n w_n log p(x_n)``: per unit of weight, plus
+    ``log_prior / total_weight``."""
+    objective = log_likelihood_sum / total_weight.astype(log_likelihood_sum.dtype)
     if model.log_prior is not None:
         objective = objective + model.log_prior(params) / total_weight.astype(objective.dtype)
     return objective
@@ -202,6 +205,11 @@ def _em_iteration(
     Returns ``(new_params, objective, state_mass)``; ``state_mass`` is the posterior mass
     of each latent state at ``params`` for finite-state models (``None`` otherwise).
     """
+    if model.fused_step is not None and model.posterior is None:
+        fused = model.fused_step(params, x, weights)
+        if fused is not None:
+            new_params, log_likelihood_sum, state_mass = fused
+            return new_params, _objective(model, params, log_likelihood_sum, total_weight), state_mass
     if model.posterior is None:  # finite states, enumerated: work states-first
         responsibilities, log_likelihood = _responsibilities_by_state(model, params, x, materialise=True)
         weighted_by_state = _weighted_posterior(responsibilities, weights, sample_axis=1)
@@ -210,7 +218,7 @@ def _em_iteration(
         posterior, log_likelihood = model.posterior(params, x)
         weighted = _weighted_posterior(posterior, weights)
         state_mass = weighted.sum(axis=0) if model.log_joint is not None else None
-    objective = _objective(model, params, log_likelihood, weights, total_weight)
+    objective = _objective(model, params, _weighted_log_likelihood(log_likelihood, weights), total_weight)
     return model.m_step(x, weighted, params), objective, state_mass
 
 

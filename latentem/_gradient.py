@@ -28,7 +28,14 @@ from latentem._base import (
     tree_all_finite,
     tree_select,
 )
-from latentem._em import _has_empty_state, _objective, _prepare, e_step, warn_status_counts
+from latentem._em import (
+    _has_empty_state,
+    _objective,
+    _prepare,
+    _weighted_log_likelihood,
+    e_step,
+    warn_status_counts,
+)
 
 # Internal status of a member still iterating; never returned.
 _RUNNING = -1
@@ -101,7 +108,7 @@ def _loss_fn(model: LatentModel, x: Array, weights: Array) -> Any:
     def loss(unconstrained: Any) -> Array:
         params = model.from_unconstrained(unconstrained)
         log_likelihood = e_step(model, params, safe_x)[1]
-        return -_objective(model, params, log_likelihood, weights, total_weight)
+        return -_objective(model, params, _weighted_log_likelihood(log_likelihood, weights), total_weight)
 
     return loss
 

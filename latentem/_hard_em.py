@@ -92,4 +92,5 @@ def _hard_em(model: LatentModel) -> LatentModel:
         # max, not a gather at the labels: the same number, and no index arithmetic.
         return assignments, jnp.max(log_joint, axis=1)
 
-    return LatentModel(**{**model._asdict(), "posterior": posterior})
+    # The model's fused step (if any) is a soft-EM iteration: not this one.
+    return LatentModel(**{**model._asdict(), "posterior": posterior, "fused_step": None})

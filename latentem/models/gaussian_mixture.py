@@ -41,6 +41,7 @@ from latentem._base import (
     check_positive_int,
     float_dtype,
 )
+from latentem.models import _gaussian_kernel
 from latentem.models._seeding import kmeans_plusplus, random_from_data, squared_distances
 
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
@@ -109,6 +110,12 @@ _DEFAULT_CHUNK_ELEMENTS = 1 << 31  # accelerators: few, large blocks keep the de
 # (the E-step of 1000 vmapped (500, 2, 3) fits: 4.9 ms as a GEMM, 1.2 ms fused, on a
 # CPU). Above it, GEMM wins.
 _ELEMENTWISE_MAX_FEATURES = 4
+
+# Backends on which full-covariance models get the fused EM iteration of
+# _gaussian_kernel (one Pallas kernel per small fit; used where its sizes allow): on a
+# GPU a batch of small fits is bound by memory bandwidth, and XLA's program reads the
+# data and responsibilities in about seven passes where the kernel reads the data once.
+_KERNEL_MODES = {"gpu": "compiled"}
 
 
 def _chunk_size(n_samples: int, elements_per_sample: int) -> int:
@@ -439,6 +446,40 @@ def _gaussian_m_step(
         sums = responsibilities @ centred
     centred_means = sums / safe_counts[:, None]
     scatter = _scatter(x, responsibilities, centred_means, reference, covariance_type)
+    # The data's own second moments about the reference, per feature.
+    second_moments = (sample_weights @ jnp.square(centred)) / total
+    return _m_step_from_moments(
+        counts,
+        total,
+        reference,
+        centred_means,
+        scatter,
+        second_moments,
+        params,
+        covariance_type,
+        reg_covar,
+        reg_covar_mode,
+    )
+
+
+def _m_step_from_moments(
+    counts: Array,
+    total: Array,
+    reference: Array,
+    centred_means: Array,
+    scatter: Array,
+    second_moments: Array,
+    params: GaussianMixtureParams,
+    covariance_type: str,
+    reg_covar: float,
+    reg_covar_mode: str,
+) -> GaussianMixtureParams:
+    """The M-step from the moments of the samples about ``reference`` (the fields of
+    ``_gaussian_kernel.Moments``): covariances, round-off, regulariser, empty components."""
+    dtype = counts.dtype
+    n_features = centred_means.shape[1]
+    empty = counts <= jnp.finfo(dtype).eps * total
+    safe_counts = jnp.where(empty, 1, counts)
     if covariance_type == "full":
         covariances = scatter / safe_counts[:, None, None]
     elif covariance_type == "tied":
@@ -448,8 +489,6 @@ def _gaussian_m_step(
         if covariance_type == "spherical":
             covariances = jnp.mean(covariances, axis=1)
 
-    # The data's own second moments and variances about the reference, per feature.
-    second_moments = (sample_weights @ jnp.square(centred)) / total
     data_variances = jnp.maximum(second_moments - jnp.square(counts @ centred_means / total), 0)
     # Variances at round-off level are zero: identical points give an exactly singular
     # covariance (reported, with reg_covar = 0), not a finite one of size eps^2.
@@ -576,13 +615,22 @@ def gaussian_mixture(
     if isinstance(reg_covar, bool) or not isinstance(reg_covar, (int, float)):
         raise ValueError(f"reg_covar must be a non-negative number; got {reg_covar!r}.")
     check_nonnegative(reg_covar, "reg_covar")
-    return _gaussian_mixture(n_components, covariance_type, float(reg_covar), init, reg_covar_mode)
+    kernel = _KERNEL_MODES.get(jax.default_backend()) if covariance_type == "full" else None
+    return _gaussian_mixture(n_components, covariance_type, float(reg_covar), init, reg_covar_mode, kernel)
 
 
 @functools.lru_cache(maxsize=256)
 def _gaussian_mixture(
-    n_components: int, covariance_type: str, reg_covar: float, init: str, reg_covar_mode: str
+    n_components: int,
+    covariance_type: str,
+    reg_covar: float,
+    init: str,
+    reg_covar_mode: str,
+    kernel: str | None = None,
 ) -> LatentModel:
+    """The model; ``kernel`` ("compiled", "interpret" or None) gives it the fused EM
+    iteration of ``_gaussian_kernel`` for full covariances."""
+
     def check_data(x: Array, params: GaussianMixtureParams | None = None) -> None:
         if x.ndim != 2:
             raise ValueError(f"x must be 2-D with shape (n_samples, n_features); got shape {x.shape}.")
@@ -690,6 +738,39 @@ def _gaussian_mixture(
         weights = jnp.maximum(weights, jnp.finfo(weights.dtype).tiny)
         return GaussianMixtureParams(weights, unconstrained.means, covariances)
 
+    def fused_step(params: GaussianMixtureParams, x: Array, weights: Array):
+        x = jnp.asarray(x)
+        check_data(x, params)
+        if not _gaussian_kernel.supported(x.shape[0], x.shape[1], n_components):
+            return None  # the engine's log_joint and m_step
+        dtype = params.means.dtype
+        reference = params.weights @ params.means
+        factor = precision_cholesky(params.covariances, "full")
+        projected_means = jnp.einsum("kd,kde->ke", params.means - reference[None, :], factor)
+        log_det = jnp.sum(jnp.log(jnp.diagonal(factor, axis1=1, axis2=2)), axis=1)
+        moments = _gaussian_kernel.moments(
+            x.astype(dtype),
+            weights,
+            reference,
+            factor,
+            projected_means,
+            jnp.log(params.weights) + log_det,
+            interpret=kernel == "interpret",
+        )
+        new_params = _m_step_from_moments(
+            moments.counts,
+            moments.total,
+            reference,
+            moments.centred_means,
+            moments.scatter,
+            moments.second_moments,
+            params,
+            covariance_type,
+            reg_covar,
+            reg_covar_mode,
+        )
+        return new_params, moments.log_likelihood, moments.counts
+
     return LatentModel(
         init=initialize,
         log_joint=log_joint,
@@ -698,4 +779,5 @@ def _gaussian_mixture(
         n_parameters=n_parameters,
         to_unconstrained=to_unconstrained,
         from_unconstrained=from_unconstrained,
+        fused_step=fused_step if kernel is not None else None,
     )
