@@ -190,3 +190,16 @@ def test_the_factory_uses_the_kernel_for_full_covariances_on_the_configured_back
     assert lem.gaussian_mixture(3, "diag").fused_step is None
     # Hard EM replaces the E-step: the soft fused iteration must not be used.
     assert lem.hard_em(lem.gaussian_mixture(3)).fused_step is None
+
+
+def test_the_compiled_kernel_runs_interpreted_off_nvidia_gpus(dtype):
+    """A GPU machine's model fitting data placed on its CPU: the program is lowered for
+    the CPU, where the kernel runs through the interpreter, with the same result."""
+    x = jnp.asarray(datasets(1, 300, 2, 3, dtype, seed=5)[0])
+    engine = gaussian_mixture_module._gaussian_mixture(3, "full", 1e-6, "kmeans++", "relative", None)
+    compiled = gaussian_mixture_module._gaussian_mixture(3, "full", 1e-6, "kmeans++", "relative", "compiled")
+    expected = lem.fit(engine, jax.random.key(0), x)
+    result = lem.fit(compiled, jax.random.key(0), x)
+    assert int(result.n_iter) == int(expected.n_iter)
+    rtol = 1e-10 if dtype == np.float64 else 1e-4
+    assert_trees_all_close(result.params, expected.params, rtol=rtol, atol=rtol)

@@ -17,6 +17,7 @@ and features and components are unrolled in Python, so each value is one
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -102,7 +103,9 @@ def moments(
       factor: ``(k, d, d)`` upper-triangular precision factors ``U_k``.
       projected_means: ``(k, d)`` the ``m_k``.
       log_constants: ``(k,)`` the ``a_k``.
-      interpret: run the kernel through Pallas's interpreter (any backend; tests).
+      interpret: always run the kernel through Pallas's interpreter (any backend; for
+        tests). Otherwise Triton compiles it for NVIDIA GPUs, and other platforms
+        interpret it.
 
     Example:
       >>> import jax.numpy as jnp
@@ -192,19 +195,31 @@ def moments(
         for index in range(size, out_padded):
             out_ref[index] = jnp.zeros((), dtype)
 
-    out = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((out_padded,), dtype),
-        in_specs=[
-            pl.BlockSpec((n_padded, n_features), lambda: (0, 0)),
-            pl.BlockSpec((n_padded,), lambda: (0,)),
-            pl.BlockSpec((parameters_padded,), lambda: (0,)),
-        ],
-        out_specs=pl.BlockSpec((out_padded,), lambda: (0,)),
-        compiler_params=_TRITON_PARAMS(num_warps=max(1, min(8, n_padded // 128))),
-        interpret=interpret,
-        name="gaussian_mixture_em_moments",
-    )(x.astype(dtype), weights.astype(dtype), parameters)
+    def call(interpret: bool, *operands: Array) -> Array:
+        return pl.pallas_call(
+            kernel,
+            out_shape=jax.ShapeDtypeStruct((out_padded,), dtype),
+            in_specs=[
+                pl.BlockSpec((n_padded, n_features), lambda: (0, 0)),
+                pl.BlockSpec((n_padded,), lambda: (0,)),
+                pl.BlockSpec((parameters_padded,), lambda: (0,)),
+            ],
+            out_specs=pl.BlockSpec((out_padded,), lambda: (0,)),
+            compiler_params=_TRITON_PARAMS(num_warps=max(1, min(8, n_padded // 128))),
+            interpret=interpret,
+            name="gaussian_mixture_em_moments",
+        )(*operands)
+
+    operands = (x.astype(dtype), weights.astype(dtype), parameters)
+    if interpret:
+        out = call(True, *operands)
+    else:
+        # Compiled by Triton where the program runs on an NVIDIA GPU, interpreted
+        # elsewhere (data placed on the CPU of a GPU machine, other GPUs): the platform
+        # is known only when the program is lowered.
+        out = jax.lax.platform_dependent(
+            *operands, cuda=functools.partial(call, False), default=functools.partial(call, True)
+        )
 
     def block(name: str, length: int) -> Array:
         return out[offsets[name] : offsets[name] + length]
