@@ -190,7 +190,10 @@ def test_degenerate_members_leave_the_others_bitwise_equal(isolation):
     FMAs in some fused loops depending on the loop's total size (found in the
     Mahalanobis sum of squares, about 2,000 output elements at 2 features), which can
     change the last bit across batch sizes. Both batches here are on the same side;
-    the test below (same shape, members replaced) does not depend on it.
+    the test below (same shape, members replaced) does not depend on it. On a GPU
+    (an H100, jax 0.11.2) this test fails by one or two ulps in the weights, with the
+    Pallas kernel and without it: XLA:GPU compiles the two shapes differently; the
+    same-shape test below and the comparison with solo fits pass there.
     """
     healthy_members = member(isolation["mixed"], jnp.asarray(HEALTHY_POSITIONS))
     assert_trees_equal(healthy_members, isolation["alone"])
