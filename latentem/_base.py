@@ -302,6 +302,17 @@ _TUNED_OPTIONS = {
 # (tests/test_batch.py::test_degenerate_members_leave_the_others_bitwise_equal).
 _QUICK_COMPILE_OPTIONS = {"xla_backend_optimization_level": 1}
 
+# Tiny fits go one step further, to LLVM's level 0 (no vectorisation): XLA's compile of
+# a first Gaussian mixture fit of (1000, 8) data went from 1.03-1.34 s to 0.72-0.76 s
+# in alternating fresh processes on a 2-core CPU, and the fit then ran in 25-37 ms
+# instead of 9-11 ms (k = 8, 38 iterations; 2.6 to 4.2x slower across tiny shapes).
+# Below this many elements in a call's arrays (about 1800 samples of 8 features, with
+# their weights) that is at most a few tens of milliseconds per call: less than the
+# compile saves unless the same program is called a dozen times, when the compile is
+# amortised anyway.
+_QUICKEST_MAX_ELEMENTS = 1 << 14
+_QUICKEST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0}
+
 
 @functools.cache
 def _jit_takes_compiler_options() -> bool:
@@ -362,8 +373,10 @@ def jit(
     to compile with the options (they make XLA's compile slower, by about 0.15 s for a
     Gaussian mixture fit on a 2-core CPU, which only pays off on large problems). When
     it says no and ``quick_compile`` is set, a CPU program is compiled for a short
-    compile instead (LLVM's first optimisation level rather than its second; ``lem.fit``
-    and the estimator do this for small fits). Called inside another transformation
+    compile instead (LLVM's first optimisation level rather than its second, and its
+    level 0 when the call's arrays hold fewer than 16384 elements, where run times are
+    a few milliseconds; ``lem.fit`` and the estimator do this for small fits). Called
+    inside another transformation
     (your own ``jax.jit``, ``vmap``, ...), it is a plain nested ``jax.jit``: XLA takes
     compiler options only for the outermost program.
 
@@ -392,31 +405,38 @@ class _LazyJit:
         functools.update_wrapper(self, fun)
         self._fun, self._jit_kwargs, self._tune_if = fun, jit_kwargs, tune_if
         self._quick_compile = quick_compile
-        self._variants: dict[bool | None, Callable] = {}
+        self._variants: dict[str, Callable] = {}
 
-    def _variant(self, tuned: bool | None) -> Callable:
-        """``tuned``: the tuned options; ``False``: quick-compile ones if asked for;
-        ``None``: none."""
-        if tuned not in self._variants:
-            if tuned:
-                options = compiler_options()
-            elif tuned is False and self._quick_compile:
+    def _variant(self, tier: str) -> Callable:
+        """The jitted function compiled with the options of ``tier``: ``"tuned"``
+        (:func:`compiler_options`), ``"quick"`` or ``"quickest"`` (shorter compiles for
+        small and tiny problems) or ``"plain"`` (none)."""
+        if tier not in self._variants:
+            options = {
+                "tuned": compiler_options,
                 # The optimisation level is an XLA option as old as compiler_options:
                 # no probe compile (which would cost a small fit 0.03 s).
-                options = _cpu_options(_QUICK_COMPILE_OPTIONS, probe=False)
-            else:
-                options = {}
+                "quick": lambda: _cpu_options(_QUICK_COMPILE_OPTIONS, probe=False),
+                "quickest": lambda: _cpu_options(_QUICKEST_COMPILE_OPTIONS, probe=False),
+                "plain": dict,
+            }[tier]()
             extra = {"compiler_options": options} if options else {}
-            self._variants[tuned] = jax.jit(self._fun, **self._jit_kwargs, **extra)
-        return self._variants[tuned]
+            self._variants[tier] = jax.jit(self._fun, **self._jit_kwargs, **extra)
+        return self._variants[tier]
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def _tier(self, args: tuple, kwargs: dict) -> str:
         if _inside_a_trace(args, kwargs):
             # Called from inside a user's jit (or vmap, grad, ...): this is a nested
             # jit, which takes no compiler options (the outer program's apply).
-            return self._variant(None)(*args, **kwargs)
-        tuned = True if self._tune_if is None else bool(self._tune_if(*args, **kwargs))
-        return self._variant(tuned)(*args, **kwargs)
+            return "plain"
+        if self._tune_if is None or self._tune_if(*args, **kwargs):
+            return "tuned"
+        if not self._quick_compile:
+            return "plain"
+        return "quickest" if _n_elements(args, kwargs) < _QUICKEST_MAX_ELEMENTS else "quick"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._variant(self._tier(args, kwargs))(*args, **kwargs)
 
     def _cache_size(self) -> int:
         """Compiled programs held, over all variants."""
@@ -425,7 +445,13 @@ class _LazyJit:
     def __getattr__(self, name: str) -> Any:  # lower, trace, ... of the tuned variant
         if name.startswith("_"):  # own attributes not set yet (copy, pickle), dunders
             raise AttributeError(name)
-        return getattr(self._variant(True), name)
+        return getattr(self._variant("tuned"), name)
+
+
+def _n_elements(args: tuple, kwargs: dict) -> int:
+    """Elements in the array arguments of a call (shapes only: nothing is transferred)."""
+    leaves = jax.tree_util.tree_leaves((args, kwargs))
+    return sum(int(np.prod(np.shape(leaf))) for leaf in leaves if hasattr(leaf, "shape"))
 
 
 def _inside_a_trace(args: tuple, kwargs: dict) -> bool:

@@ -268,14 +268,16 @@ def test_data_captured_by_a_traced_function(dtype, datasets):
     np.testing.assert_allclose(float(objective), float(eager_objective), rtol=tight(dtype, 1e-12, 1e-6))
 
 
-@pytest.mark.parametrize("tuned", [True, False], ids=["tuned", "quick-compile"])
-def test_tuned_compile_gives_the_same_fit_as_jax_jit(dtype, tuned):
-    """lem.jit's XLA options (lem.compiler_options for large problems, a quicker LLVM
-    optimisation level for small ones) change speed, not results."""
-    x = jnp.asarray(blobs(3, 150), dtype)
+@pytest.mark.parametrize(("tier", "n_per_cluster"), [("tuned", 150), ("quick", 3000), ("quickest", 150)])
+def test_tuned_compile_gives_the_same_fit_as_jax_jit(dtype, tier, n_per_cluster):
+    """lem.jit's XLA options (lem.compiler_options for large problems, quicker LLVM
+    optimisation levels for small and tiny ones) change speed, not results."""
+    x = jnp.asarray(blobs(3, n_per_cluster), dtype)
     params = MODEL.init(jax.random.key(0), x, jnp.ones(x.shape[0], dtype))
     fit = functools.partial(lem.fit_em, MODEL, max_iter=30, tol=0.0)
-    ours = lem.jit(fit, tune_if=lambda *args: tuned, quick_compile=True)(params, x)
+    compiled = lem.jit(fit, tune_if=lambda *args: tier == "tuned", quick_compile=True)
+    assert compiled._tier((params, x), {}) == tier
+    ours = compiled(params, x)
     plain = jax.jit(fit)(params, x)
     assert_trees_all_close(ours.params, plain.params, rtol=tight(dtype, 1e-9, 1e-4), atol=1e-6)
     np.testing.assert_allclose(
