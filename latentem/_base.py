@@ -302,15 +302,13 @@ _TUNED_OPTIONS = {
 # (tests/test_batch.py::test_degenerate_members_leave_the_others_bitwise_equal).
 _QUICK_COMPILE_OPTIONS = {"xla_backend_optimization_level": 1}
 
-# Tiny fits go one step further, to LLVM's level 0 (no vectorisation): XLA's compile of
-# a first Gaussian mixture fit of (1000, 8) data went from 1.03-1.34 s to 0.72-0.76 s
-# in alternating fresh processes on a 2-core CPU, and the fit then ran in 25-37 ms
-# instead of 9-11 ms (k = 8, 38 iterations; 2.6 to 4.2x slower across tiny shapes).
-# Below this many elements in a call's arrays (about 1800 samples of 8 features, with
-# their weights) that is at most a few tens of milliseconds per call: less than the
+# Tiny fits (see tiny_problem) go one step further, to LLVM's level 0 (no
+# vectorisation): XLA's compile of a first Gaussian mixture fit of (1000, 8) data went
+# from 1.03-1.34 s to 0.72-0.76 s in alternating fresh processes on a 2-core CPU, and
+# the fit then ran in 25-37 ms instead of 9-11 ms (k = 8, 38 iterations; 2.6 to 4.2x
+# slower across tiny shapes). That is tens of milliseconds per call: less than the
 # compile saves unless the same program is called a dozen times, when the compile is
 # amortised anyway.
-_QUICKEST_MAX_ELEMENTS = 1 << 14
 _QUICKEST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
@@ -363,6 +361,7 @@ def jit(
     *,
     tune_if: Callable[..., bool] | None = None,
     quick_compile: bool = False,
+    tiny_if: Callable[..., bool] | None = None,
     **jit_kwargs: Any,
 ) -> Callable:
     """``jax.jit(fun, **jit_kwargs)`` with :func:`compiler_options`.
@@ -373,10 +372,11 @@ def jit(
     to compile with the options (they make XLA's compile slower, by about 0.15 s for a
     Gaussian mixture fit on a 2-core CPU, which only pays off on large problems). When
     it says no and ``quick_compile`` is set, a CPU program is compiled for a short
-    compile instead (LLVM's first optimisation level rather than its second, and its
-    level 0 when the call's arrays hold fewer than 16384 elements, where run times are
-    a few milliseconds; ``lem.fit`` and the estimator do this for small fits). Called
-    inside another transformation
+    compile instead (LLVM's first optimisation level rather than its second; ``lem.fit``
+    and the estimator do this for small fits), and when ``tiny_if(*args, **kwargs)``
+    also says yes, for the shortest (LLVM's level 0, for problems that run in
+    milliseconds; ``lem.fit`` and the estimator below 2^15 data values x restarts).
+    Called inside another transformation
     (your own ``jax.jit``, ``vmap``, ...), it is a plain nested ``jax.jit``: XLA takes
     compiler options only for the outermost program.
 
@@ -389,7 +389,7 @@ def jit(
       >>> int(fit(params, x).n_iter)
       5
     """
-    return _LazyJit(fun, jit_kwargs, tune_if, quick_compile)
+    return _LazyJit(fun, jit_kwargs, tune_if, quick_compile, tiny_if)
 
 
 class _LazyJit:
@@ -401,10 +401,11 @@ class _LazyJit:
         jit_kwargs: dict[str, Any],
         tune_if: Callable[..., bool] | None,
         quick_compile: bool,
+        tiny_if: Callable[..., bool] | None = None,
     ):
         functools.update_wrapper(self, fun)
         self._fun, self._jit_kwargs, self._tune_if = fun, jit_kwargs, tune_if
-        self._quick_compile = quick_compile
+        self._quick_compile, self._tiny_if = quick_compile, tiny_if
         self._variants: dict[str, Callable] = {}
 
     def _variant(self, tier: str) -> Callable:
@@ -433,7 +434,7 @@ class _LazyJit:
             return "tuned"
         if not self._quick_compile:
             return "plain"
-        return "quickest" if _n_elements(args, kwargs) < _QUICKEST_MAX_ELEMENTS else "quick"
+        return "quickest" if self._tiny_if is not None and self._tiny_if(*args, **kwargs) else "quick"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._variant(self._tier(args, kwargs))(*args, **kwargs)
@@ -446,12 +447,6 @@ class _LazyJit:
         if name.startswith("_"):  # own attributes not set yet (copy, pickle), dunders
             raise AttributeError(name)
         return getattr(self._variant("tuned"), name)
-
-
-def _n_elements(args: tuple, kwargs: dict) -> int:
-    """Elements in the array arguments of a call (shapes only: nothing is transferred)."""
-    leaves = jax.tree_util.tree_leaves((args, kwargs))
-    return sum(int(np.prod(np.shape(leaf))) for leaf in leaves if hasattr(leaf, "shape"))
 
 
 def _inside_a_trace(args: tuple, kwargs: dict) -> bool:
@@ -472,6 +467,17 @@ def large_problem(x: Array, n_fits: int = 1) -> bool:
     """Whether fitting ``x`` (``n_fits`` times) is large enough for
     :func:`compiler_options` to pay off."""
     return int(np.prod(x.shape)) * n_fits >= _TUNE_MIN_VALUES
+
+
+# Below this many data values times restarts a fit runs in tens of milliseconds even
+# without vectorised code ((1000, 8) data, four restarts), and the shortest compile
+# (_QUICKEST_COMPILE_OPTIONS) makes its first call about 0.3 s shorter.
+_TINY_MAX_VALUES = 1 << 15
+
+
+def tiny_problem(x: Array, n_fits: int = 1) -> bool:
+    """Whether fitting ``x`` (``n_fits`` times) is small enough for the shortest compile."""
+    return int(np.prod(x.shape)) * n_fits < _TINY_MAX_VALUES
 
 
 # ---------------------------------------------------------------------------

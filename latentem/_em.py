@@ -36,6 +36,7 @@ from latentem._base import (
     is_concrete,
     jit,
     large_problem,
+    tiny_problem,
     tree_all_finite,
     tree_select,
 )
@@ -441,6 +442,7 @@ def fit(
     static_argnames=("model", "n_init", "max_iter", "callback"),
     tune_if=lambda model, key, x, *args, n_init, **kwargs: large_problem(x, n_init),
     quick_compile=True,
+    tiny_if=lambda model, key, x, *args, n_init, **kwargs: tiny_problem(x, n_init),
 )
 def _fit_compiled(
     model: LatentModel,

@@ -35,6 +35,7 @@ from latentem._base import (
     check_positive_int,
     check_weights,
     large_problem,
+    tiny_problem,
     tree_all_finite,
     tree_select,
 )
@@ -89,6 +90,7 @@ def _override(params: GaussianMixtureParams, overrides: tuple[Any, Any, Any]) ->
     static_argnames=("model", "max_iter", "callback"),
     tune_if=lambda model, keys, x, *args, **kwargs: large_problem(x, keys.shape[0]),
     quick_compile=True,
+    tiny_if=lambda model, keys, x, *args, **kwargs: tiny_problem(x, keys.shape[0]),
 )
 def _fit_restarts(
     model: LatentModel,

@@ -275,7 +275,12 @@ def test_tuned_compile_gives_the_same_fit_as_jax_jit(dtype, tier, n_per_cluster)
     x = jnp.asarray(blobs(3, n_per_cluster), dtype)
     params = MODEL.init(jax.random.key(0), x, jnp.ones(x.shape[0], dtype))
     fit = functools.partial(lem.fit_em, MODEL, max_iter=30, tol=0.0)
-    compiled = lem.jit(fit, tune_if=lambda *args: tier == "tuned", quick_compile=True)
+    compiled = lem.jit(
+        fit,
+        tune_if=lambda *args: tier == "tuned",
+        quick_compile=True,
+        tiny_if=lambda *args: n_per_cluster < 1000,
+    )
     assert compiled._tier((params, x), {}) == tier
     ours = compiled(params, x)
     plain = jax.jit(fit)(params, x)
@@ -310,6 +315,20 @@ def test_only_large_fits_pay_for_tuned_compilation(dtype, datasets):
     assert not lem._base.large_problem(small)
     assert lem._base.large_problem(large)
     assert lem._base.large_problem(small, n_fits=100)
-    # A small fit compiles (or reuses) the untuned program (quick-compile options).
+    # A tiny fit compiles (or reuses) the program of the quickest compile.
     lem.fit(MODEL, jax.random.key(0), jnp.asarray(datasets[0], dtype))
-    assert False in lem._em._fit_compiled._variants
+    assert "quickest" in lem._em._fit_compiled._variants
+
+    def tier(n_samples, n_init=1):
+        x = jnp.zeros((n_samples, 8), dtype)
+        args = (MODEL, jax.random.key(0), x, jnp.ones(n_samples, dtype), 1e-3)
+        return lem._em._fit_compiled._tier(args, {"n_init": n_init, "max_iter": 100, "callback": None})
+
+    assert [tier(1000), tier(1000, n_init=5), tier(5000), tier(100_000), tier(1000, n_init=100)] == [
+        "quickest",
+        "quick",
+        "quick",
+        "tuned",
+        "tuned",
+    ]
+    assert lem._base.tiny_problem(small) and not lem._base.tiny_problem(small, n_fits=5)
