@@ -393,6 +393,39 @@ def test_chunked_computation_equals_unchunked(covariance_type, dtype, product_pa
     assert_trees_all_close(chunked_stepped, stepped, rtol=rtol * 10, atol=rtol)
 
 
+@pytest.mark.parametrize("covariance_type", ["full", "tied"])
+def test_large_m_step_scatter_by_entries_matches_sklearn(covariance_type, dtype, monkeypatch):
+    """On a CPU, data of 5 to 8 features and at least 2^20 values n k d form the scatter
+    one reduction per entry, over blocks of features-first samples (with a shifted last
+    block); the M-step must equal scikit-learn's and the GEMM path's."""
+    module = importlib.import_module("latentem.models.gaussian_mixture")
+    n_samples, n_components, n_features = 33_000, 4, 8
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((n_samples, n_features)) @ rng.standard_normal((n_features, n_features))
+    x = x + 50.0  # away from the origin: the deviations are taken about a reference
+    responsibilities = rng.dirichlet(np.ones(n_components), n_samples)
+    model = lem.gaussian_mixture(n_components, covariance_type, reg_covar=1e-6, reg_covar_mode="absolute")
+    xj, rj = jnp.asarray(x, dtype), jnp.asarray(responsibilities, dtype)
+    start = model.init(jax.random.key(0), xj, jnp.ones(n_samples, dtype))
+    assert module._chunk_size(n_samples, n_components * n_features) < n_samples
+    if jax.default_backend() == "cpu":
+        assert module._scatter_by_entries_applies(n_samples, n_components, n_features)
+    assert (
+        not module._scatter_by_entries_applies(1000, n_components, n_features)
+        or jax.default_backend() != "cpu"
+    )
+    by_entries = jax.jit(model.m_step)(xj, rj, start)
+    monkeypatch.setattr(module, "_SCATTER_BY_ENTRIES_MAX_FEATURES", {})
+    by_gemm = jax.jit(model.m_step)(xj, rj, start)
+    _, means, covariances = _estimate_gaussian_parameters(x, responsibilities, 1e-6, covariance_type)
+    rtol = rtol_for(dtype, 1e-10, 2e-4)
+    np.testing.assert_allclose(by_entries.means, means, rtol=rtol)
+    np.testing.assert_allclose(
+        by_entries.covariances, covariances, rtol=rtol, atol=rtol * np.abs(covariances).max()
+    )
+    assert_trees_all_close(by_entries, by_gemm, rtol=rtol, atol=rtol * float(np.abs(covariances).max()))
+
+
 @pytest.mark.parametrize("n_features", [1, 2, 3, 4, 5, 6])
 def test_precision_cholesky_matches_sklearn(n_features, dtype):
     """Written-out factors up to four features, LAPACK above: both equal scikit-learn's."""
