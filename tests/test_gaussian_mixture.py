@@ -410,13 +410,18 @@ def test_large_m_step_scatter_by_entries_matches_sklearn(covariance_type, dtype,
     assert module._chunk_size(n_samples, n_components * n_features) < n_samples
     if jax.default_backend() == "cpu":
         assert module._scatter_by_entries_applies(n_samples, n_components, n_features)
-    assert (
-        not module._scatter_by_entries_applies(1000, n_components, n_features)
-        or jax.default_backend() != "cpu"
-    )
-    by_entries = jax.jit(model.m_step)(xj, rj, start)
+        assert not module._scatter_by_entries_applies(1000, n_components, n_features)
+
+    def m_step():  # a fresh function each time: jax.jit's trace cache would reuse the first path
+        return jax.jit(lambda x, r, p: model.m_step(x, r, p))
+
+    entries_program = m_step().lower(xj, rj, start).as_text()
+    by_entries = m_step()(xj, rj, start)
     monkeypatch.setattr(module, "_SCATTER_BY_ENTRIES_MAX_FEATURES", {})
-    by_gemm = jax.jit(model.m_step)(xj, rj, start)
+    gemm_program = m_step().lower(xj, rj, start).as_text()
+    by_gemm = m_step()(xj, rj, start)
+    if jax.default_backend() == "cpu":
+        assert gemm_program.count("dot_general") > entries_program.count("dot_general")
     _, means, covariances = _estimate_gaussian_parameters(x, responsibilities, 1e-6, covariance_type)
     rtol = rtol_for(dtype, 1e-10, 2e-4)
     np.testing.assert_allclose(by_entries.means, means, rtol=rtol)
