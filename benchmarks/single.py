@@ -9,7 +9,7 @@ conversion, initialisation, compilation) cancel; each is the best of ``--repeat`
     python benchmarks/single.py                 # CPU table, float32 and float64
     python benchmarks/single.py --quick         # small sizes, a smoke run
     python benchmarks/single.py --memory        # the (1e6, 32, 64) float32 memory check
-    python benchmarks/single.py --gpu           # GPU per-iteration times and FLOP/s
+    python benchmarks/single.py --gpu           # GPU per-iteration times, FLOP/s and accuracy
 """
 
 from __future__ import annotations
@@ -59,24 +59,35 @@ def per_iteration(run_with_iterations, short: int, long: int, repeat: int) -> fl
     ) / (long - short)
 
 
-def time_latentem(x, weights, means, covariances, dtype, short, long, repeat):
+def latentem_runner(x, weights, means, covariances, dtype, moments="auto"):
+    """``run(iterations)``: a compiled fit of that many iterations from the shared start."""
     import jax.numpy as jnp
 
     import latentem as lem
 
-    model = lem.gaussian_mixture(means.shape[0], "full", reg_covar=1e-6, reg_covar_mode="absolute")
+    model = lem.gaussian_mixture(
+        means.shape[0], "full", reg_covar=1e-6, reg_covar_mode="absolute", moments=moments
+    )
     xj = jnp.asarray(x, dtype)
     params = lem.GaussianMixtureParams(*(jnp.asarray(a, dtype) for a in (weights, means, covariances)))
-    # lem.jit: jax.jit with latentem's XLA options, as lem.fit uses for data of this size.
-    compiled = {m: lem.jit(functools.partial(lem.fit_em, model, max_iter=m, tol=0.0)) for m in (short, long)}
+    compiled = {}
 
     def run(iterations):
+        # lem.jit: jax.jit with latentem's XLA options, as lem.fit uses for data of this size.
+        if iterations not in compiled:
+            compiled[iterations] = lem.jit(functools.partial(lem.fit_em, model, max_iter=iterations, tol=0.0))
         result = compiled[iterations](params, xj)
         result.log_likelihood.block_until_ready()
         return result
 
+    return run
+
+
+def time_latentem(x, weights, means, covariances, dtype, short, long, repeat, moments="auto"):
+    """Seconds per iteration and the fit of ``long`` iterations."""
+    run = latentem_runner(x, weights, means, covariances, dtype, moments)
     seconds = per_iteration(run, short, long, repeat)
-    return seconds, float(run(long).log_likelihood)
+    return seconds, run(long)
 
 
 def time_sklearn(x, weights, means, covariances, dtype, short, long, repeat):
@@ -151,7 +162,8 @@ def cpu_table(sizes, dtypes, short, long, repeat):
     for dtype in dtypes:
         for n, d, k in sizes:
             x, weights, means, covariances = make_data(n, d, k)
-            ours, our_ll = time_latentem(x, weights, means, covariances, dtype, short, long, repeat)
+            ours, our_fit = time_latentem(x, weights, means, covariances, dtype, short, long, repeat)
+            our_ll = float(our_fit.log_likelihood)
             sk, sk_ll = time_sklearn(x, weights, means, covariances, dtype, short, long, repeat)
             gx, gx_ll = time_gmmx(x, weights, means, covariances, dtype, short, long, repeat)
             rows.append(
@@ -262,17 +274,38 @@ def memory_check(n: int, d: int, k: int, iterations: int) -> None:
 def gpu_table(sizes, short, long, repeat):
     import jax
 
+    # For the float64 reference fit only; the timed fits are float32.
+    jax.config.update("jax_enable_x64", True)
     device = jax.devices()[0]
     print(f"Device: {device.device_kind} ({device.platform}), jax {jax.__version__}")
-    print("| (n, d, k) | matmul precision | ms/iter | TFLOP/s (4 n k d^2 per iteration) |")
-    print("|---|---|---|---|")
+    print(
+        "| (n, d, k) | moments | matmul precision | ms/iter | TFLOP/s (4 n k d^2 per iteration) "
+        "| covariances vs float64 | means vs float64 | mean log-lik. vs float64 |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for n, d, k in sizes:
         x, weights, means, covariances = make_data(n, d, k)
-        for precision in ("default", "highest"):
-            with jax.default_matmul_precision(None if precision == "default" else "highest"):
-                seconds, _ = time_latentem(x, weights, means, covariances, np.float32, short, long, repeat)
-            flops = 4 * n * k * d * d
-            print(f"| ({n}, {d}, {k}) | {precision} | {1e3 * seconds:.2f} | {flops / seconds / 1e12:.1f} |")
+        reference = latentem_runner(x, weights, means, covariances, np.float64, "centred")(long)
+        for moments in ("centred", "auto", "expanded"):
+            for precision in ("default", "highest"):
+                with jax.default_matmul_precision(None if precision == "default" else "highest"):
+                    seconds, fit = time_latentem(
+                        x, weights, means, covariances, np.float32, short, long, repeat, moments
+                    )
+                errors = [
+                    float(np.max(np.abs(np.asarray(ours, np.float64) - ref)) / np.max(np.abs(ref)))
+                    for ours, ref in (
+                        (fit.params.covariances, reference.params.covariances),
+                        (fit.params.means, reference.params.means),
+                    )
+                ]
+                log_lik = abs(float(fit.log_likelihood) - float(reference.log_likelihood))
+                flops = 4 * n * k * d * d
+                print(
+                    f"| ({n}, {d}, {k}) | {moments} | {precision} | {1e3 * seconds:.2f} "
+                    f"| {flops / seconds / 1e12:.1f} | {errors[0]:.1e} | {errors[1]:.1e} | {log_lik:.1e} |",
+                    flush=True,
+                )
 
 
 def main() -> None:

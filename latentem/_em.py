@@ -206,11 +206,22 @@ def _em_iteration(
     Returns ``(new_params, objective, state_mass)``; ``state_mass`` is the posterior mass
     of each latent state at ``params`` for finite-state models (``None`` otherwise).
     """
+    iteration = None
     if model.fused_step is not None and model.posterior is None:
-        fused = model.fused_step(params, x, weights)
-        if fused is not None:
-            new_params, log_likelihood_sum, state_mass = fused
-            return new_params, _objective(model, params, log_likelihood_sum, total_weight), state_mass
+        iteration = model.fused_step(params, x, weights)
+    if iteration is None:
+        iteration = _unfused_iteration(model, params, x, weights)
+    new_params, log_likelihood_sum, state_mass = iteration
+    return new_params, _objective(model, params, log_likelihood_sum, total_weight), state_mass
+
+
+def _unfused_iteration(
+    model: LatentModel, params: Params, x: Array, weights: Array
+) -> tuple[Params, Array, Array | None]:
+    """The EM iteration from ``log_joint`` (or ``posterior``) and ``m_step``, without the
+    model's ``fused_step``: ``(new_params, sum_n w_n log p(x_n), state_mass)``, what a
+    ``fused_step`` returns. A ``fused_step`` that decides at run time (under
+    ``lax.cond``) to fall back calls this."""
     if model.posterior is None:  # finite states, enumerated: work states-first
         responsibilities, log_likelihood = _responsibilities_by_state(model, params, x, materialise=True)
         weighted_by_state = _weighted_posterior(responsibilities, weights, sample_axis=1)
@@ -219,8 +230,7 @@ def _em_iteration(
         posterior, log_likelihood = model.posterior(params, x)
         weighted = _weighted_posterior(posterior, weights)
         state_mass = weighted.sum(axis=0) if model.log_joint is not None else None
-    objective = _objective(model, params, _weighted_log_likelihood(log_likelihood, weights), total_weight)
-    return model.m_step(x, weighted, params), objective, state_mass
+    return model.m_step(x, weighted, params), _weighted_log_likelihood(log_likelihood, weights), state_mass
 
 
 # ---------------------------------------------------------------------------

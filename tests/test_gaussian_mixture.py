@@ -448,3 +448,201 @@ def test_precision_cholesky_matches_sklearn(n_features, dtype):
     indefinite = np.eye(n_features)
     indefinite[-1, -1] = -1.0
     assert np.isnan(np.asarray(module.precision_cholesky(jnp.asarray(indefinite, dtype)[None], "full"))).any()
+
+
+# ---------------------------------------------------------------------------
+# Expanded moments (moments="expanded"; what moments="auto" uses for large fits on a GPU)
+# ---------------------------------------------------------------------------
+
+
+def expanded_case(
+    separation, seed, n_samples=3000, n_features=6, n_components=3, offset=50.0, start_at_truth=False
+):
+    """Clusters ``separation`` standard deviations apart (about), away from the origin,
+    with uneven sample weights (some zero), and a start from random rows and the data's
+    covariance (or from the true parameters)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, separation / np.sqrt(2 * n_features), (n_components, n_features))
+    mixing = rng.standard_normal((n_features, n_features)) / np.sqrt(n_features) + np.eye(n_features)
+    labels = rng.integers(0, n_components, n_samples)
+    x = centres[labels] + rng.standard_normal((n_samples, n_features)) @ mixing + offset
+    weights = rng.uniform(0.5, 2.0, n_samples) * (rng.uniform(size=n_samples) > 0.05)
+    start = (
+        np.full(n_components, 1 / n_components),
+        x[rng.choice(n_samples, n_components, replace=False)],
+        np.broadcast_to(np.cov(x.T), (n_components, n_features, n_features)).copy(),
+    )
+    if start_at_truth:
+        covariance = mixing.T @ mixing
+        start = (start[0], centres + offset, np.broadcast_to(covariance, start[2].shape).copy())
+    return x, weights, start
+
+
+def numpy_em_iteration(x, weights, start, reg_covar):
+    """One weighted EM iteration in float64 with SciPy densities: (params, sum w log p)."""
+    mixing_weights, means, covariances = start
+    log_joint = np.stack(
+        [
+            np.log(mixing_weights[k]) + stats.multivariate_normal(means[k], covariances[k]).logpdf(x)
+            for k in range(len(mixing_weights))
+        ],
+        axis=1,
+    )
+    log_p = np.logaddexp.reduce(log_joint, axis=1)
+    r = weights[:, None] * np.exp(log_joint - log_p[:, None])
+    counts = r.sum(0)
+    new_means = r.T @ x / counts[:, None]
+    new_covariances = np.stack(
+        [
+            (r[:, k, None] * (x - new_means[k])).T @ (x - new_means[k]) / counts[k]
+            + reg_covar * np.eye(x.shape[1])
+            for k in range(len(counts))
+        ]
+    )
+    return (counts / counts.sum(), new_means, new_covariances), np.sum(weights * log_p)
+
+
+def expanded_rounding(x, weights, params):
+    module = importlib.import_module("latentem.models.gaussian_mixture")
+    xw = jnp.asarray(weights, params.means.dtype)
+    reference = (xw @ jnp.asarray(x, params.means.dtype)) / xw.sum()
+    factor = module.precision_cholesky(params.covariances, "full")
+    return float(module._expanded_rounding(params, reference, factor))
+
+
+def test_expanded_iteration_matches_numpy(dtype):
+    """One iteration with moments="expanded" (the guard passes on these data) equals a
+    float64 NumPy/SciPy iteration: to 1e-10 in float64, and in float32 to 2e-5 of the
+    largest entry (the centred iteration's own float32 error is about 1e-6 here)."""
+    x, weights, start = expanded_case(separation=8, seed=0)
+    module = importlib.import_module("latentem.models.gaussian_mixture")
+    model = lem.gaussian_mixture(3, reg_covar=1e-6, reg_covar_mode="absolute", moments="expanded")
+    params = to_params(*start, dtype)
+    assert module._expanded_applies(x.shape[0], 3, x.shape[1], always=True)
+    assert expanded_rounding(x, weights, params) <= module._EXPANDED_MAX_ROUNDING
+    new_params, log_likelihood, state_mass = jax.jit(model.fused_step)(
+        params, jnp.asarray(x, dtype), jnp.asarray(weights, dtype)
+    )
+    (weights_ref, means_ref, covariances_ref), log_likelihood_ref = numpy_em_iteration(
+        x, weights, start, 1e-6
+    )
+    rtol = rtol_for(dtype, 1e-10, 2e-5)
+    for value, reference in (
+        (new_params.weights, weights_ref),
+        (new_params.means, means_ref),
+        (new_params.covariances, covariances_ref),
+        (state_mass / weights.sum(), weights_ref),
+    ):
+        error = np.max(np.abs(np.asarray(value, np.float64) - reference)) / np.max(np.abs(reference))
+        assert error <= rtol, f"relative error {error:.2g} > {rtol:.0g}"
+    assert abs(float(log_likelihood) - log_likelihood_ref) <= rtol * abs(log_likelihood_ref)
+
+
+def test_expanded_fit_equals_centred_fit(dtype):
+    """Twenty iterations of each from the same start against twenty float64 NumPy/SciPy
+    iterations: within 1e-9 in float64 (and equal to each other to 1e-10), within 1e-4
+    in float32 (EM amplifies rounding over iterations)."""
+    x, weights, start = expanded_case(separation=8, seed=1)
+    reference = start
+    for _ in range(20):
+        reference, _ = numpy_em_iteration(x, weights, reference, 1e-6)
+    fits = {}
+    for moments in ("expanded", "centred"):
+        model = lem.gaussian_mixture(3, reg_covar=1e-6, reg_covar_mode="absolute", moments=moments)
+        fits[moments] = lem.fit_em(
+            model,
+            to_params(*start, dtype),
+            jnp.asarray(x, dtype),
+            weights=jnp.asarray(weights, dtype),
+            max_iter=20,
+            tol=0.0,
+        )
+        assert fits[moments].status == lem.Status.MAX_ITER
+        for value, expected in zip(fits[moments].params, reference, strict=True):
+            error = np.max(np.abs(np.asarray(value, np.float64) - expected)) / np.max(np.abs(expected))
+            assert error <= rtol_for(dtype, 1e-9, 1e-4), f"{moments}: relative error {error:.2g}"
+    if dtype == np.float64:
+        scale = float(np.abs(fits["centred"].params.covariances).max())
+        assert_trees_all_close(
+            fits["expanded"].params, fits["centred"].params, rtol=1e-10, atol=1e-10 * scale
+        )
+
+
+def test_expanded_iteration_falls_back_to_centred_where_it_would_lose_digits(dtype):
+    """Clusters about 400 standard deviations apart: the guard exceeds its limit, and the
+    iteration is the centred one (the expanded moments alone are off by far more)."""
+    x, weights, start = expanded_case(separation=400, seed=2, start_at_truth=True)
+    module = importlib.import_module("latentem.models.gaussian_mixture")
+    params = to_params(*start, dtype)
+    # The guard scales with eps: in float64 the expanded form is still accurate here.
+    limit = module._EXPANDED_MAX_ROUNDING
+    rounding = expanded_rounding(x, weights, params)
+    model = lem.gaussian_mixture(3, reg_covar=1e-6, reg_covar_mode="absolute", moments="expanded")
+    centred = lem.gaussian_mixture(3, reg_covar=1e-6, reg_covar_mode="absolute", moments="centred")
+    xj, wj = jnp.asarray(x, dtype), jnp.asarray(weights, dtype)
+    fused = jax.jit(model.fused_step)(params, xj, wj)
+    engine = jax.jit(lambda p, x, w: lem.em_step(centred, p, x, weights=w))(params, xj, wj)
+    (_, _, covariances_ref), _ = numpy_em_iteration(x, weights, start, 1e-6)
+    if dtype == np.float32:
+        assert rounding > limit
+        assert_trees_all_close(
+            fused[0], engine[0], rtol=1e-6, atol=1e-6 * float(np.abs(covariances_ref).max())
+        )
+        # What the guard avoids: the expanded moments alone, far off in float32.
+        reference = (wj @ xj) / wj.sum()
+        moments = module._expanded_moments(
+            xj, wj, params, reference, module.precision_cholesky(params.covariances, "full")
+        )
+        covariances = moments.scatter / moments.counts[:, None, None]
+        error = np.max(np.abs(np.asarray(covariances, np.float64) - covariances_ref))
+        assert error > 1e-4 * np.abs(covariances_ref).max()
+    else:
+        assert rounding <= limit
+    error = np.max(np.abs(np.asarray(fused[0].covariances, np.float64) - covariances_ref))
+    assert error <= rtol_for(dtype, 1e-9, 1e-5) * np.abs(covariances_ref).max()
+
+
+def test_batched_expanded_fits_equal_solo_fits(dtype):
+    """Under jax.vmap the guard's lax.cond runs both branches and each member keeps its
+    own: a batch with one member that falls back equals the solo fits."""
+    cases = [expanded_case(separation=s, seed=10 + i, start_at_truth=True) for i, s in enumerate((8, 400, 8))]
+    model = lem.gaussian_mixture(3, reg_covar=1e-6, reg_covar_mode="absolute", moments="expanded")
+    x = jnp.asarray(np.stack([c[0] for c in cases]), dtype)
+    weights = jnp.asarray(np.stack([c[1] for c in cases]), dtype)
+    starts = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[to_params(*c[2], dtype) for c in cases])
+    fit = functools.partial(lem.fit_em, model, max_iter=8, tol=0.0)
+    batched = jax.jit(jax.vmap(lambda p, x, w: fit(p, x, weights=w)))(starts, x, weights)
+    for i in range(len(cases)):
+        solo = fit(jax.tree_util.tree_map(lambda a, i=i: a[i], starts), x[i], weights=weights[i])
+        member = jax.tree_util.tree_map(lambda a, i=i: a[i], batched.params)
+        scale = float(np.abs(solo.params.covariances).max())
+        assert_trees_all_close(member, solo.params, rtol=rtol_for(dtype, 1e-10, 1e-4), atol=1e-5 * scale)
+
+
+def test_check_model_passes_the_expanded_step(dtype):
+    x, _, _ = expanded_case(separation=8, seed=3, n_samples=1000)
+    model = lem.gaussian_mixture(3, reg_covar_mode="absolute", moments="expanded")
+    report = lem.check_model(model, jax.random.key(0), jnp.asarray(x, dtype), n_samples=1000)
+    assert report["fused_step"].passed is True, str(report)
+
+
+def test_moments_choice_and_size_rule():
+    module = importlib.import_module("latentem.models.gaussian_mixture")
+    with pytest.raises(ValueError, match="moments must be one of"):
+        lem.gaussian_mixture(2, moments="fast")
+    with pytest.raises(ValueError, match='moments="expanded" is for covariance_type="full"'):
+        lem.gaussian_mixture(2, "diag", moments="expanded")
+    if jax.default_backend() not in module._EXPANDED_BACKENDS:
+        assert lem.gaussian_mixture(2).fused_step is None  # "auto": centred here
+    # "auto" takes large fits only; neither takes products of features beyond the budget.
+    assert not module._expanded_applies(1000, 8, 8, always=False)
+    assert module._expanded_applies(1_000_000, 64, 32, always=False)
+    assert module._expanded_applies(1000, 8, 8, always=True)
+    # "auto" keeps the centred moments when float32-accurate products are asked for.
+    assert not module._float32_products_requested()
+    for precision in ("highest", "float32", "F32_F32_F32"):
+        with jax.default_matmul_precision(precision):
+            assert module._float32_products_requested()
+    with jax.default_matmul_precision("tensorfloat32"):
+        assert not module._float32_products_requested()
+    assert not module._expanded_applies(10_000_000, 64, 32, always=True)
