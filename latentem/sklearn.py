@@ -259,7 +259,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     A drop-in for :class:`sklearn.mixture.GaussianMixture`: the same constructor
     parameters and defaults, methods and fitted attributes, plus ``sample_weight`` in
     :meth:`fit`, which scikit-learn's lacks (a zero weight removes a sample, an integer
-    weight repeats it), and ``reg_covar_mode``.
+    weight repeats it), ``reg_covar_mode`` and ``moments``.
 
     .. math:: p(x) = \sum_{k=1}^K \pi_k\, \mathcal{N}(x \mid \mu_k, \Sigma_k)
 
@@ -309,6 +309,10 @@ class GaussianMixture(DensityMixin, BaseEstimator):
       reg_covar_mode: ``"absolute"`` (scikit-learn's rule, default) or ``"relative"``
         (``reg_covar`` times each feature's variance; see
         :func:`latentem.gaussian_mixture`).
+      moments: how a full-covariance fit forms its moments: ``"auto"`` (default),
+        ``"centred"`` (exact to round-off everywhere) or ``"expanded"`` (faster, and
+        on a GPU at default precision more accurate; see
+        :func:`latentem.gaussian_mixture`).
 
     Attributes:
       weights_, means_, covariances_, precisions_, precisions_cholesky_: the fitted
@@ -348,6 +352,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         verbose: int = 0,
         verbose_interval: int = 10,
         reg_covar_mode: str = "absolute",
+        moments: str = "auto",
     ):
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -364,6 +369,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         self.verbose = verbose
         self.verbose_interval = verbose_interval
         self.reg_covar_mode = reg_covar_mode
+        self.moments = moments
 
     # -- helpers ------------------------------------------------------------
 
@@ -374,7 +380,12 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         if isinstance(reg_covar, numbers.Real) and not isinstance(reg_covar, bool):
             reg_covar = float(reg_covar)
         return lem.gaussian_mixture(
-            self.n_components, self.covariance_type, reg_covar, init, self.reg_covar_mode
+            self.n_components,
+            self.covariance_type,
+            reg_covar,
+            init,
+            self.reg_covar_mode,
+            self.moments,
         )
 
     def _fitted_model(self) -> LatentModel:

@@ -13,7 +13,7 @@ import textwrap
 
 SCRIPT = textwrap.dedent(
     """
-    import functools, json
+    import functools, importlib, json
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     import latentem as lem
@@ -28,8 +28,9 @@ SCRIPT = textwrap.dedent(
     x_sharded, weights_sharded = jax.device_put(x, rows), jax.device_put(weights, vector)
 
     report = {"devices": len(x_sharded.sharding.device_set)}
-    for covariance_type in ("full", "diag"):
-        model = lem.gaussian_mixture(3, covariance_type)
+    cases = {"full": ("full", "auto"), "diag": ("diag", "auto"), "full_expanded": ("full", "expanded")}
+    for name, (covariance_type, moments) in cases.items():
+        model = lem.gaussian_mixture(3, covariance_type, moments=moments)
         params = model.init(jax.random.key(0), x, weights)
         fit_em = jax.jit(functools.partial(lem.fit_em, model, max_iter=30, tol=0.0))
         plain = fit_em(params, x, weights=weights)
@@ -42,7 +43,13 @@ SCRIPT = textwrap.dedent(
         difference = lambda a, b: max(
             float(jnp.max(jnp.abs(u - v) / (1 + jnp.abs(v))))
             for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
-        report[covariance_type] = {
+        if moments == "expanded":  # the expanded moments, not their centred fallback, ran
+            gm = importlib.import_module("latentem.models.gaussian_mixture")
+            reference = (weights @ x) / weights.sum()
+            factor = gm.precision_cholesky(sharded.params.covariances, "full")
+            rounding = float(gm._expanded_rounding(sharded.params, reference, factor))
+            assert rounding <= gm._EXPANDED_MAX_ROUNDING, rounding
+        report[name] = {
             "fit_em": difference(sharded.params, plain.params),
             "fit_em_objective": abs(float(sharded.log_likelihood - plain.log_likelihood)),
             "fit": difference(restarts_sharded.params, restarts.params),
@@ -64,8 +71,8 @@ def test_sharded_fit_equals_unsharded():
     report = json.loads(output.stdout.strip().splitlines()[-1])
     assert report["devices"] == 4
     tolerance = 1e-10 if os.environ.get("JAX_ENABLE_X64") in ("1", "true", "True") else 1e-4
-    for covariance_type in ("full", "diag"):
-        result = report[covariance_type]
+    for name in ("full", "diag", "full_expanded"):
+        result = report[name]
         # Sums over samples are reduced per device, then across: the same up to rounding.
         assert result["fit_em"] < tolerance, result
         assert result["fit_em_objective"] < tolerance, result

@@ -127,6 +127,20 @@ def test_matches_scikit_learn_from_same_initial_params(covariance_type):
     np.testing.assert_allclose(ours.aic(x), reference.aic(x), rtol=rtol())
 
 
+def test_expanded_moments_match_scikit_learn():
+    ours, reference = fitted_pair("full")
+    settings = {**ours.get_params(), "moments": "expanded"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        expanded = GaussianMixture(**settings).fit(data())
+    # The fit took the expanded iteration, not its centred fallback, to the end.
+    gm = sys.modules["latentem.models.gaussian_mixture"]
+    x = jax.numpy.asarray(data(), expanded._params().means.dtype)
+    factor = gm.precision_cholesky(expanded._params().covariances, "full")
+    assert gm._expanded_rounding(expanded._params(), x.mean(0), factor) <= gm._EXPANDED_MAX_ROUNDING
+    assert_same_fit(expanded, reference)
+
+
 def test_max_iter_and_warm_start_match_scikit_learn():
     # Three iterations do not converge: same iterates, n_iter_, lower bounds and warning.
     ours, reference = fitted_pair("full", max_iter=3, warm_start=True)
@@ -201,9 +215,12 @@ def test_parameters_are_scikit_learns():
     defaults = ReferenceMixture().get_params()
     ours = GaussianMixture().get_params()
     assert ours.pop("reg_covar_mode") == "absolute"
+    assert ours.pop("moments") == "auto"
     assert ours == defaults
     model = GaussianMixture(3, covariance_type="diag", init_params="kmeans")._fit_model()
     assert model is lem.gaussian_mixture(3, "diag", 1e-6, "kmeans++", "absolute")
+    model = GaussianMixture(3, moments="expanded")._fit_model()
+    assert model is lem.gaussian_mixture(3, "full", 1e-6, "kmeans++", "absolute", "expanded")
     for name, init in [
         ("k-means++", "kmeans++"),
         ("random", "random"),
@@ -235,6 +252,10 @@ def test_errors_say_what_to_change():
         GaussianMixture(n_components=2, means_init=np.zeros((3, 2))).fit(x)
     with pytest.raises(ValueError, match="init_params"):
         GaussianMixture(init_params="best").fit(x)
+    with pytest.raises(ValueError, match="moments"):
+        GaussianMixture(moments="fast").fit(x)
+    with pytest.raises(ValueError, match='moments="expanded" is for covariance_type="full"'):
+        GaussianMixture(covariance_type="diag", moments="expanded").fit(x)
     with pytest.raises(ValueError, match="n_samples"):
         fitted_pair("diag")[0].sample(0)
 
