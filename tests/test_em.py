@@ -294,6 +294,17 @@ def test_tuned_compile_gives_the_same_fit_as_jax_jit(dtype, tier, n_per_cluster)
     assert "changed" not in lem.compiler_options()
 
 
+def test_quick_tiers_take_the_loop_emitters_where_xla_has_them():
+    base = lem._base
+    on_cpu = jax.default_backend() == "cpu" and base._jit_takes_compiler_options()
+    has_loop_emitters = on_cpu and base._options_supported(tuple(base._LOOP_EMITTER_OPTIONS.items()))
+    for level, tier_options in ((1, base._QUICK_COMPILE_OPTIONS), (0, base._QUICKEST_COMPILE_OPTIONS)):
+        expected = {"xla_backend_optimization_level": level} if on_cpu else {}
+        if has_loop_emitters:
+            expected["xla_cpu_use_fusion_emitters"] = False
+        assert base._quick_options(tier_options) == expected
+
+
 @pytest.mark.parametrize("n_samples", [300, 70_000], ids=["small", "large"])
 def test_fit_inside_a_user_jit_compiles_without_options(dtype, n_samples):
     """jax.jit takes compiler options only at the top level: lem.fit called inside a

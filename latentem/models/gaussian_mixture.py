@@ -151,9 +151,11 @@ _KERNEL_MODES = {"gpu": "compiled"}
 # expanded form is one large GEMM per step with half the FLOPs. There, at JAX's default
 # precision, the centred products run in TF32 and the expanded ones (in float32) are
 # also the more accurate. On a CPU the default products are float32 and the centred
-# moments accurate to round-off, so "auto" keeps them; "expanded" is the opt-in there:
-# 1.6-1.7x faster at (1e5, 8, 8) (3.8-4.1 against 6.5 ms on 2 cores) and 1.1-1.2x at
-# (1e5, 32, 16) (112-119 against 134 ms), with the accuracy of _expanded_rounding.
+# moments accurate to round-off, so "auto" keeps them; "expanded" is the opt-in there,
+# with the accuracy of _expanded_rounding. Its gain depends on the CPU: on one 2-core
+# AMD EPYC, float32 (1e5, 8, 8) 3.8-4.4 against 6.5-9.6 ms and (1e5, 32, 16) 112-133
+# against 134-157 ms; on another, without AVX-512, 10.1 against 12.5 ms and 193 against
+# 190 ms (float64 (1e5, 32, 16): 340 against 524 ms).
 MOMENTS = ("auto", "centred", "expanded")
 _EXPANDED_BACKENDS = ("gpu",)
 _EXPANDED_MIN_VALUES = 1 << 22
@@ -795,8 +797,8 @@ def gaussian_mixture(
         standard deviations from the mean) is computed centred instead. ``"auto"``
         (default): expanded for large fits on a GPU unless
         ``jax.default_matmul_precision`` asks for float32 products (``"highest"``),
-        centred otherwise. On a CPU ``"expanded"`` makes a (1e5, 8, 8) iteration
-        1.6x faster.
+        centred otherwise. On a CPU ``"expanded"`` made a float32 (1e5, 8, 8)
+        iteration 1.2 to 2.2x faster, depending on the machine.
 
     Returns:
       A :class:`~latentem.LatentModel` over :class:`GaussianMixtureParams`.
