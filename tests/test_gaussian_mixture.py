@@ -54,13 +54,15 @@ def rtol_for(dtype, float64_rtol=1e-6, float32_rtol=2e-4):
 # ---------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["fused", "gemm"])
+@pytest.fixture(params=["fused", "gemm", "gemm_folded"])
 def product_path(request, monkeypatch):
     """Products over features run as fused multiply-sums for few features and as GEMMs
-    for many; both must match the references. (Direct, eager calls of log_joint and
-    m_step trace afresh, so the setting is in force.)"""
+    for many (with many features, the full E-step's GEMM also subtracts the projected
+    means: "gemm_folded"); all must match the references. (Direct, eager calls of
+    log_joint and m_step trace afresh, so the setting is in force.)"""
     module = importlib.import_module("latentem.models.gaussian_mixture")
     monkeypatch.setattr(module, "_ELEMENTWISE_MAX_FEATURES", N_FEATURES if request.param == "fused" else 0)
+    monkeypatch.setattr(module, "_FOLDED_MEANS_MIN_FEATURES", 0 if request.param == "gemm_folded" else 1000)
     return request.param
 
 
