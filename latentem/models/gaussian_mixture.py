@@ -162,8 +162,9 @@ _KERNEL_MODES = {"gpu": "compiled"}
 # moments accurate to round-off, so "auto" keeps them; "expanded" is the opt-in there,
 # with the accuracy of _expanded_rounding. Its gain depends on the CPU: on one 2-core
 # AMD EPYC, float32 (1e5, 8, 8) 3.8-4.4 against 6.5-9.6 ms and (1e5, 32, 16) 112-133
-# against 134-157 ms; on another, without AVX-512, 10.1 against 12.5 ms and 193 against
-# 190 ms (float64 (1e5, 32, 16): 340 against 524 ms).
+# against 134-157 ms; on another, without AVX-512, 10.0-10.1 against 10.2-12.5 ms, and
+# at (1e5, 32, 16) 193-205 against 148-190 ms (slower than the centred E-step with its
+# folded means; float64 337-340 against 417-524 ms).
 MOMENTS = ("auto", "centred", "expanded")
 _EXPANDED_BACKENDS = ("gpu",)
 _EXPANDED_MIN_VALUES = 1 << 22
@@ -821,7 +822,7 @@ def gaussian_mixture(
         (default): expanded for large fits on a GPU unless
         ``jax.default_matmul_precision`` asks for float32 products (``"highest"``),
         centred otherwise. On a CPU ``"expanded"`` made a float32 (1e5, 8, 8)
-        iteration 1.2 to 2.2x faster, depending on the machine.
+        iteration 1.0 to 2.2x faster, depending on the machine.
 
     Returns:
       A :class:`~latentem.LatentModel` over :class:`GaussianMixtureParams`.
