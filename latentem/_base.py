@@ -313,8 +313,8 @@ _QUICKEST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0}
 
 # Both tiers also take XLA's older loop emitters instead of its MLIR fusion emitters,
 # which cost most of a small program's compile on a CPU: XLA's compile of a first
-# Gaussian mixture fit of (1000, 8) data went from 1.42-1.90 s to 0.59-0.66 s on a
-# 2-core AMD EPYC without AVX-512 (the first call from 2.2-2.6 s to 1.3-1.6 s), for a
+# Gaussian mixture fit of (1000, 8) data went from 1.33-1.90 s to 0.48-0.66 s on a
+# 2-core AMD EPYC without AVX-512 (the first call from 2.0-2.5 s to 1.4-1.7 s), for a
 # fit that then ran 50 iterations in 55-78 ms instead of 43-65 ms; at (20000, 8, 8) the
 # compile went from 4.1-4.3 s to 3.5-3.9 s, the run time within the noise. Large fits
 # keep the fusion emitters: (1e5, 8, 8) 12.9-13.3 against 10.0-12.4 ms per iteration.

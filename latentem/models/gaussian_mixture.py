@@ -332,7 +332,7 @@ def _log_gaussian_density_by_state(x: Array, params: GaussianMixtureParams, cova
         # One (c, d) @ (d, k d) product per chunk projects the samples for every
         # component; samples-first here, so that the sum of squares runs along the
         # contiguous feature axis (1.25x faster than states-first at (1e5, 32, 16)).
-        # Above _FOLDED_MEANS_MIN_FEATURES features a column of ones against the
+        # From _FOLDED_MEANS_MIN_FEATURES features a column of ones against the
         # projected means subtracts those in the same product, and the sum of squares
         # reads the product alone.
         stacked = jnp.transpose(factor, (1, 0, 2)).reshape(n_features, n_components * n_features)
