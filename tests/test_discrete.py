@@ -208,10 +208,18 @@ def test_zero_weight_is_removal_and_integer_weight_is_repetition(case):
     copied[1:3] = copied[0]
     copied = jnp.asarray(copied, x.dtype)
     start = init(jax.random.key(4), x, jnp.ones(N_SAMPLES, dtype))
-    with_weights = fit(start, x, weights=jnp.asarray(weights, dtype))
-    with_copies = fit(start, copied, weights=jnp.ones(N_SAMPLES, dtype))
+    # The same iterates, to round-off: a fixed number of iterations, since in float32 a
+    # tolerance of 1e-6 on the mean log-likelihood is a few units of its last place and
+    # round-off (the sums run in another order) can decide where each fit stops.
+    fixed = jax.jit(functools.partial(lem.fit_em, case.model, max_iter=20, tol=0.0))
+    with_weights = fixed(start, x, weights=jnp.asarray(weights, dtype))
+    with_copies = fixed(start, copied, weights=jnp.ones(N_SAMPLES, dtype))
     assert_trees_all_close(with_weights.params, with_copies.params, rtol=1e-5, atol=1e-6)
-    assert int(with_weights.n_iter) == int(with_copies.n_iter)
+    if dtype == np.float64:  # there the tolerance is far above round-off: same stopping point
+        with_weights = fit(start, x, weights=jnp.asarray(weights, dtype))
+        with_copies = fit(start, copied, weights=jnp.ones(N_SAMPLES, dtype))
+        assert_trees_all_close(with_weights.params, with_copies.params, rtol=1e-9, atol=1e-12)
+        assert int(with_weights.n_iter) == int(with_copies.n_iter)
 
 
 def test_vmap_over_datasets_equals_a_loop(case):
