@@ -329,26 +329,28 @@ def _log_gaussian_density_by_state(x: Array, params: GaussianMixtureParams, cova
             return _whitened_squares(factor, projected_means, (rows - reference[None, :]).T)
 
     elif covariance_type == "full":
-        # One (c, d) @ (d, k d) product per chunk projects the samples for every
-        # component; samples-first here, so that the sum of squares runs along the
-        # contiguous feature axis (1.25x faster than states-first at (1e5, 32, 16)).
-        # From _FOLDED_MEANS_MIN_FEATURES features a column of ones against the
-        # projected means subtracts those in the same product, and the sum of squares
-        # reads the product alone.
-        stacked = jnp.transpose(factor, (1, 0, 2)).reshape(n_features, n_components * n_features)
+        # One (c, d) @ (d, e k) product per chunk projects the samples for every
+        # component, samples first, its columns ordered by whitened coordinate e and
+        # then component k: the sum of squares over e then adds whole rows of k
+        # contiguous values, where summing each component's e values within a row
+        # vectorised poorly (log densities of (1e5, 8, 8) 2.9-3.6 against 4.3-5.0 ms on
+        # a 2-core AVX2 CPU). From _FOLDED_MEANS_MIN_FEATURES features a column of ones
+        # against the projected means subtracts those in the same product, and the sum
+        # of squares reads the product alone.
+        stacked = jnp.transpose(factor, (1, 2, 0)).reshape(n_features, n_features * n_components)
         folded = n_features >= _FOLDED_MEANS_MIN_FEATURES
         if folded:
-            stacked = jnp.concatenate([stacked, -projected_means.reshape(1, -1)])
+            stacked = jnp.concatenate([stacked, -projected_means.T.reshape(1, -1)])
 
         def mahalanobis(rows: Array) -> Array:
             centred_rows = rows - reference[None, :]
             if folded:
                 ones = jnp.ones((rows.shape[0], 1), rows.dtype)
                 centred_rows = jnp.concatenate([centred_rows, ones], axis=1)
-            projected = (centred_rows @ stacked).reshape(rows.shape[0], n_components, n_features)
+            projected = (centred_rows @ stacked).reshape(rows.shape[0], n_features, n_components)
             if not folded:
-                projected = projected - projected_means[None, :, :]
-            return jnp.sum(jnp.square(projected), axis=2)
+                projected = projected - projected_means.T[None, :, :]
+            return jnp.sum(jnp.square(projected), axis=1)
 
     elif covariance_type == "tied":
         projected_means = centred_means @ factor
@@ -358,7 +360,7 @@ def _log_gaussian_density_by_state(x: Array, params: GaussianMixtureParams, cova
             if elementwise:
                 return _whitened_squares(factor[None], projected_means, rows_centred.T)
             projected = rows_centred @ factor  # (c, d), samples-first as for "full"
-            return jnp.sum(jnp.square(projected[:, None, :] - projected_means[None, :, :]), axis=2)
+            return jnp.sum(jnp.square(projected[:, :, None] - projected_means.T[None, :, :]), axis=1)
 
         log_det = jnp.broadcast_to(jnp.sum(jnp.log(jnp.diagonal(factor))), (n_components,))
     else:
