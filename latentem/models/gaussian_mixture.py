@@ -333,7 +333,7 @@ def _log_gaussian_density_by_state(x: Array, params: GaussianMixtureParams, cova
         # component, samples first, its columns ordered by whitened coordinate e and
         # then component k: the sum of squares over e then adds whole rows of k
         # contiguous values, where summing each component's e values within a row
-        # vectorised poorly (log densities of (1e5, 8, 8) 2.9-3.6 against 4.3-5.0 ms on
+        # vectorised poorly (log densities of (1e5, 8, 8) 3.3-3.4 against 4.5-5.0 ms on
         # a 2-core AVX2 CPU). From _FOLDED_MEANS_MIN_FEATURES features a column of ones
         # against the projected means subtracts those in the same product, and the sum
         # of squares reads the product alone.
