@@ -454,33 +454,6 @@ def test_precision_cholesky_matches_sklearn(n_features, dtype):
     assert np.isnan(np.asarray(module.precision_cholesky(jnp.asarray(indefinite, dtype)[None], "full"))).any()
 
 
-@pytest.mark.parametrize("batch_shape", [(), (3,), (2, 4)])
-@pytest.mark.parametrize("n_features", [1, 5, 32])
-def test_lower_triangular_inverse_matches_numpy(batch_shape, n_features, dtype):
-    """The XLA forward substitution equals NumPy's float64 inverse and LAPACK's triangular
-    solve to round-off, is exactly lower triangular, and turns a NaN factor into NaN."""
-    module = importlib.import_module("latentem.models.gaussian_mixture")
-    rng = np.random.default_rng(n_features)
-    factors = rng.standard_normal((*batch_shape, n_features, n_features))
-    covariances = factors @ np.swapaxes(factors, -1, -2) + 0.5 * np.eye(n_features)
-    lower = np.linalg.cholesky(covariances)
-    inverse = np.asarray(module._lower_triangular_inverse(jnp.asarray(lower, dtype)))
-    expected = np.linalg.inv(lower)
-    # Forward substitution's error bound: d eps cond(L) relative to the inverse.
-    rtol = n_features * float(jnp.finfo(dtype).eps) * np.linalg.cond(lower).max()
-    scale = np.abs(expected).max()
-    np.testing.assert_allclose(inverse, expected, rtol=0, atol=rtol * scale)
-    assert np.all(np.triu(inverse, 1) == 0)
-    identity = np.broadcast_to(np.eye(n_features), lower.shape)
-    by_lapack = jax.scipy.linalg.solve_triangular(
-        jnp.asarray(lower, dtype), jnp.asarray(identity, dtype), lower=True
-    )
-    np.testing.assert_allclose(inverse, by_lapack, rtol=0, atol=rtol * scale)
-    with_nan = lower.copy()
-    with_nan[..., -1, 0] = np.nan
-    assert np.isnan(np.asarray(module._lower_triangular_inverse(jnp.asarray(with_nan, dtype)))).any()
-
-
 # ---------------------------------------------------------------------------
 # Expanded moments (moments="expanded"; what moments="auto" uses for large fits on a GPU)
 # ---------------------------------------------------------------------------

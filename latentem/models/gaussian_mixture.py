@@ -42,7 +42,7 @@ from latentem._base import (
     check_positive_int,
     float_dtype,
 )
-from latentem.models import _gaussian_kernel
+from latentem.models import _gaussian_kernel, _linalg
 from latentem.models._seeding import kmeans_plusplus, random_from_data, squared_distances
 
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
@@ -249,51 +249,13 @@ def precision_cholesky(covariances: Array, covariance_type: str) -> Array:
         return _small_precision_cholesky(covariances)
     if covariance_type in ("full", "tied"):
         lower = jnp.linalg.cholesky(covariances)
-        if jax.default_backend() in _SUBSTITUTION_INVERSE_BACKENDS:
-            return jnp.swapaxes(_lower_triangular_inverse(lower), -1, -2)
+        if _linalg.inverts_by_substitution():
+            return jnp.swapaxes(_linalg.lower_triangular_inverse(lower), -1, -2)
         identity = jnp.broadcast_to(
             jnp.eye(covariances.shape[-1], dtype=covariances.dtype), covariances.shape
         )
         return jnp.swapaxes(solve_triangular(lower, identity, lower=True), -1, -2)
     return jax.lax.rsqrt(covariances)
-
-
-# Backends on which the Cholesky factor is inverted by XLA (_lower_triangular_inverse)
-# rather than by a LAPACK triangular solve. On a CPU, jaxlib's LAPACK is SciPy's
-# OpenBLAS, which runs the solve of a few 32 x 32 factors on threads of its own; those
-# threads then wait spinning, and on a 2-core CPU they took the cores from XLA's
-# threads for the rest of each EM iteration: (1e5, 32, 16) went from 155-165 to 93-102
-# ms per iteration with the factors inverted by XLA (117-119 ms with LAPACK and
-# OPENBLAS_NUM_THREADS=1). GPUs keep their batched cuBLAS solve.
-_SUBSTITUTION_INVERSE_BACKENDS = ("cpu",)
-
-
-def _lower_triangular_inverse(lower: Array) -> Array:
-    r"""Inverse of lower-triangular matrices ``(..., d, d)`` by forward substitution, a
-    row at a time, as LAPACK's ``trtri``:
-    :math:`X_{i\cdot} = (e_i - \sum_{m<i} L_{im} X_{m\cdot}) / L_{ii}`.
-
-    The rows are a ``fori_loop`` of batched vector-matrix products, so the program stays
-    small for any ``d``; the result is exactly lower triangular, and a factor with NaN
-    (a covariance that is not positive definite) gives NaN.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> _lower_triangular_inverse(jnp.array([[2.0, 0.0], [1.0, 4.0]])).tolist()
-      [[0.5, 0.0], [-0.125, 0.25]]
-    """
-    n_features = lower.shape[-1]
-    identity = jnp.eye(n_features, dtype=lower.dtype)
-
-    def next_row(i: Array, inverse: Array) -> Array:
-        row = jax.lax.dynamic_index_in_dim(lower, i, axis=-2, keepdims=False)  # (..., d)
-        diagonal = jax.lax.dynamic_index_in_dim(row, i, axis=-1)  # (..., 1)
-        # Rows i and beyond of `inverse` are still zero: the product sums over m < i.
-        unit_row = jnp.broadcast_to(identity[i], row.shape)
-        value = (unit_row - jnp.einsum("...m,...mj->...j", row, inverse)) / diagonal
-        return jax.lax.dynamic_update_index_in_dim(inverse, value, i, axis=-2)
-
-    return jax.lax.fori_loop(0, n_features, next_row, jnp.zeros_like(lower))
 
 
 def _small_precision_cholesky(covariances: Array) -> Array:
