@@ -1,14 +1,12 @@
 """XLA's triangular inverses (models/_linalg.py), which replace LAPACK's solves on a CPU:
 float64 NumPy and LAPACK references."""
 
-import importlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-_linalg = importlib.import_module("latentem.models._linalg")
+from latentem.models import _linalg
 
 
 @pytest.mark.parametrize("batch_shape", [(), (3,), (2, 4)])
