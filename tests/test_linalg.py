@@ -9,11 +9,20 @@ import pytest
 from latentem.models import _linalg
 
 
+@pytest.fixture(autouse=True, params=["substitution", "solve"])
+def route(request, monkeypatch):
+    """Both ways of inverting: XLA's forward substitution (on a CPU) and the backend's
+    triangular solve (elsewhere)."""
+    if request.param == "solve":
+        monkeypatch.setattr(_linalg, "SUBSTITUTION_BACKENDS", ())
+    return request.param
+
+
 @pytest.mark.parametrize("batch_shape", [(), (3,), (2, 4)])
 @pytest.mark.parametrize("n_features", [1, 5, 32])
 def test_lower_triangular_inverse_matches_numpy(batch_shape, n_features, dtype):
-    """The XLA forward substitution equals NumPy's float64 inverse and LAPACK's triangular
-    solve to round-off, is exactly lower triangular, and turns a NaN factor into NaN."""
+    """The inverse equals NumPy's float64 inverse and LAPACK's triangular solve to
+    round-off, is exactly lower triangular, and turns a NaN factor into NaN."""
     rng = np.random.default_rng(n_features)
     factors = rng.standard_normal((*batch_shape, n_features, n_features))
     covariances = factors @ np.swapaxes(factors, -1, -2) + 0.5 * np.eye(n_features)

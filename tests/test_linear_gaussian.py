@@ -22,12 +22,12 @@ MODELS = {"ppca": PPCA, "factor_analysis": FACTOR_ANALYSIS}
 CONSTRUCTORS = {"ppca": lem.ppca, "factor_analysis": lem.factor_analysis}
 
 
-@pytest.fixture(params=["substitution", "lapack"])
+@pytest.fixture(params=["substitution", "solve"])
 def fresh_model(request, monkeypatch):
-    """``fresh_model(name)``: a new model (so that nothing compiled is reused) that solves
-    with the latent precision by XLA's triangular inverse (as on a CPU) or by
-    ``cho_solve`` (as on a GPU)."""
-    if request.param == "lapack":
+    """``fresh_model(name)``: a new model (so that nothing compiled is reused) whose
+    latent precision is inverted by XLA's forward substitution (as on a CPU) or by a
+    triangular solve (as on a GPU)."""
+    if request.param == "solve":
         monkeypatch.setattr(_linalg, "SUBSTITUTION_BACKENDS", ())
     return lambda name: CONSTRUCTORS[name](N_COMPONENTS)
 

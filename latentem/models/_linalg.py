@@ -16,27 +16,24 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.scipy.linalg import solve_triangular
 
 from latentem._base import Array
 
-# Backends on which triangular matrices are inverted by lower_triangular_inverse.
+# Backends on which triangular matrices are inverted by forward substitution in XLA.
 SUBSTITUTION_BACKENDS = ("cpu",)
 
 
-def inverts_by_substitution() -> bool:
-    """Whether the default backend inverts triangular factors with
-    :func:`lower_triangular_inverse` rather than a LAPACK or cuBLAS solve."""
-    return jax.default_backend() in SUBSTITUTION_BACKENDS
-
-
 def lower_triangular_inverse(lower: Array) -> Array:
-    r"""Inverse of lower-triangular matrices ``(..., d, d)`` by forward substitution, a
-    row at a time, as LAPACK's ``trtri``:
-    :math:`X_{i\cdot} = (e_i - \sum_{m<i} L_{im} X_{m\cdot}) / L_{ii}`.
+    r"""Inverse of lower-triangular matrices ``(..., d, d)``.
 
-    The rows are a ``fori_loop`` of batched vector-matrix products, so the program stays
-    small for any ``d``; the result is exactly lower triangular, and a factor with NaN
-    (from a matrix that is not positive definite) gives NaN.
+    On the backends of ``SUBSTITUTION_BACKENDS`` (the CPU) by forward substitution in
+    XLA, a row at a time, as LAPACK's ``trtri``:
+    :math:`X_{i\cdot} = (e_i - \sum_{m<i} L_{im} X_{m\cdot}) / L_{ii}`, a ``fori_loop``
+    of batched vector-matrix products, so the program stays small for any ``d``;
+    elsewhere by the backend's triangular solve against the identity. Either way the
+    result is lower triangular, and a factor with NaN (from a matrix that is not
+    positive definite) gives NaN.
 
     Example:
       >>> import jax.numpy as jnp
@@ -45,6 +42,8 @@ def lower_triangular_inverse(lower: Array) -> Array:
     """
     n_features = lower.shape[-1]
     identity = jnp.eye(n_features, dtype=lower.dtype)
+    if jax.default_backend() not in SUBSTITUTION_BACKENDS:
+        return solve_triangular(lower, jnp.broadcast_to(identity, lower.shape), lower=True)
 
     def next_row(i: Array, inverse: Array) -> Array:
         row = jax.lax.dynamic_index_in_dim(lower, i, axis=-2, keepdims=False)  # (..., d)

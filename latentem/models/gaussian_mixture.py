@@ -30,7 +30,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy.linalg import solve_triangular
 
 from latentem import _em
 from latentem._base import (
@@ -249,12 +248,7 @@ def precision_cholesky(covariances: Array, covariance_type: str) -> Array:
         return _small_precision_cholesky(covariances)
     if covariance_type in ("full", "tied"):
         lower = jnp.linalg.cholesky(covariances)
-        if _linalg.inverts_by_substitution():
-            return jnp.swapaxes(_linalg.lower_triangular_inverse(lower), -1, -2)
-        identity = jnp.broadcast_to(
-            jnp.eye(covariances.shape[-1], dtype=covariances.dtype), covariances.shape
-        )
-        return jnp.swapaxes(solve_triangular(lower, identity, lower=True), -1, -2)
+        return jnp.swapaxes(_linalg.lower_triangular_inverse(lower), -1, -2)
     return jax.lax.rsqrt(covariances)
 
 

@@ -33,7 +33,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import cho_solve
 
 from latentem._base import Array, LatentModel, PRNGKey, check_positive_int, float_dtype
 from latentem.models import _linalg
@@ -118,10 +117,9 @@ def _posterior(
     scaled, lower = _latent_precision_cholesky(components, noise)
     centred = x - mean[None, :]
     projected = centred @ scaled.T  # (n, q): W Psi^-1 (x - mu)
-    if _linalg.inverts_by_substitution():  # a GEMM by M^-1, not OpenBLAS's solve (see _linalg)
-        posterior_means = projected @ _linalg.inverse_from_cholesky(lower)
-    else:
-        posterior_means = cho_solve((lower, True), projected.T).T
+    # A GEMM by the (q, q) M^-1 rather than a solve with n right-hand sides (on a CPU
+    # OpenBLAS's solve left its threads spinning, see _linalg).
+    posterior_means = projected @ _linalg.inverse_from_cholesky(lower)
     # Woodbury: (x-mu)^T C^-1 (x-mu) = (x-mu)^T Psi^-1 (x-mu) - b^T M^-1 b.
     mahalanobis = jnp.square(centred) @ (1 / noise) - jnp.sum(projected * posterior_means, axis=1)
     # Determinant lemma: log|C| = log|Psi| + log|M|.
@@ -146,10 +144,7 @@ def _m_step(
     safe_weights = jnp.where(weights > 0, weights, 1)
     outer = (weighted_means / safe_weights[:, None]).T @ weighted_means
     _, lower = _latent_precision_cholesky(components, _noise_vector(noise_variance, n_features))
-    if _linalg.inverts_by_substitution():
-        covariance = _linalg.inverse_from_cholesky(lower)
-    else:
-        covariance = cho_solve((lower, True), jnp.eye(n_components, dtype=x.dtype))
+    covariance = _linalg.inverse_from_cholesky(lower)
     second_moment = total * covariance + outer  # sum_n w_n E[z_n z_n^T]
     first_moment = weighted_means.sum(axis=0)  # sum_n w_n E[z_n]
     # Regression of x on [E z; 1]: W~ = A B^-1 with A = sum w x [Ez;1]^T, B = sum w E[[z;1][z;1]^T].
