@@ -468,7 +468,7 @@ class _LazyJit:
 
 def _inside_a_trace(args: tuple, kwargs: dict) -> bool:
     """Whether a call runs inside a JAX transformation (jit, vmap, grad, ...)."""
-    try:  # JAX's own answer (private, present from jax 0.4.30 to 0.10)
+    try:  # JAX's own answer (private, present from jax 0.4.30 to 0.12)
         from jax._src.core import trace_state_clean
     except ImportError:  # else: a traced argument (misses closed-over concrete data)
         return not is_concrete(args, kwargs)
