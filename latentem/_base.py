@@ -641,6 +641,17 @@ def tree_all_finite(tree: Any) -> Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
+# Not public in jax.lax in older JAX (0.4.30 lacks it): there programs run without the
+# barriers (slower, same results).
+_optimization_barrier = getattr(jax.lax, "optimization_barrier", None)
+
+
+def optimization_barrier(value: Any) -> Any:
+    """``jax.lax.optimization_barrier(value)`` where JAX has it, else ``value``: XLA
+    neither moves computations across it nor fuses through it."""
+    return value if _optimization_barrier is None else _optimization_barrier(value)
+
+
 def tree_select(pred: Array, on_true: Any, on_false: Any) -> Any:
     """Leafwise ``where(pred, on_true, on_false)`` for a scalar predicate."""
     return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)

@@ -36,6 +36,7 @@ from latentem._base import (
     is_concrete,
     jit,
     large_problem,
+    optimization_barrier,
     tiny_problem,
     tree_all_finite,
     tree_select,
@@ -94,11 +95,6 @@ def e_step(model: LatentModel, params: Params, x: Array) -> tuple[Posterior, Arr
     return responsibilities.T, log_likelihood
 
 
-# Not public in jax.lax in older JAX (0.4.30 lacks it): there the fit runs without the barrier (slower,
-# same results).
-_optimization_barrier = getattr(jax.lax, "optimization_barrier", None)
-
-
 def _responsibilities_by_state(
     model: LatentModel, params: Params, x: Array, materialise: bool = False
 ) -> tuple[Array, Array]:
@@ -122,8 +118,8 @@ def _responsibilities_by_state(
     alternating runs). Not used where the result is differentiated.
     """
     log_joint = model.log_joint(params, x).T
-    if materialise and _optimization_barrier is not None:
-        log_joint = _optimization_barrier(log_joint)
+    if materialise:
+        log_joint = optimization_barrier(log_joint)
     log_likelihood = logsumexp(log_joint, axis=0)
     return jnp.exp(log_joint - log_likelihood[None, :]), log_likelihood
 

@@ -40,6 +40,7 @@ from latentem._base import (
     check_nonnegative,
     check_positive_int,
     float_dtype,
+    optimization_barrier,
 )
 from latentem.models import _gaussian_kernel, _linalg
 from latentem.models._seeding import kmeans_plusplus, random_from_data, squared_distances
@@ -475,8 +476,13 @@ def _scatter(x: Array, responsibilities: Array, centred_means: Array, reference:
 
     # Features first, transposed once: every reduction then reads contiguous samples
     # (transposing each block inside the reductions made them strided, and the scatter
-    # of (1e5, 8, 8) slower than the GEMM's).
-    return _sum_sample_chunks(scatter_by_reductions, x.T, responsibilities, chunk, sample_axis=1)
+    # of (1e5, 8, 8) slower than the GEMM's). Behind an optimisation barrier, XLA hoists
+    # the transposed copy out of the EM loop, where a bare transpose (which its
+    # loop-invariant code motion leaves in place as not worth hoisting) was copied at
+    # every iteration: 0.5-0.7 ms of a (1e5, 8, 8) iteration's XLA operations on a
+    # 2-core CPU, once per fit now.
+    columns = optimization_barrier(x.T)
+    return _sum_sample_chunks(scatter_by_reductions, columns, responsibilities, chunk, sample_axis=1)
 
 
 def _scatter_by_entries(weighted: Array, deviations: Array, tied: bool) -> Array:
