@@ -594,8 +594,9 @@ def test_expanded_iteration_falls_back_to_centred_where_it_would_lose_digits(dty
         )
         # What the guard avoids: the expanded moments alone, far off in float32.
         reference = (wj @ xj) / wj.sum()
+        features = module._product_features(xj - reference[None, :])
         moments = module._expanded_moments(
-            xj, wj, params, reference, module.precision_cholesky(params.covariances, "full")
+            features, wj, params, reference, module.precision_cholesky(params.covariances, "full")
         )
         covariances = moments.scatter / moments.counts[:, None, None]
         error = np.max(np.abs(np.asarray(covariances, np.float64) - covariances_ref))
@@ -621,6 +622,45 @@ def test_batched_expanded_fits_equal_solo_fits(dtype):
         member = jax.tree_util.tree_map(lambda a, i=i: a[i], batched.params)
         scale = float(np.abs(solo.params.covariances).max())
         assert_trees_all_close(member, solo.params, rtol=rtol_for(dtype, 1e-10, 1e-4), atol=1e-5 * scale)
+
+
+def test_batch_aware_cond_runs_one_branch_for_a_uniform_batch():
+    """Under vmap, the guard's conditional runs only the branch every member takes (a
+    plain lax.cond would run both for every member); a mixed batch runs both and each
+    member keeps its own."""
+    module = importlib.import_module("latentem.models.gaussian_mixture")
+    calls = {"true": 0, "false": 0}
+
+    def counting(name, shift):
+        def branch(x, y):
+            jax.debug.callback(lambda: calls.__setitem__(name, calls[name] + 1))
+            return x + shift * y
+
+        return branch
+
+    def cond(predicate, x, y):
+        return module._batch_aware_cond(predicate, counting("true", 1.0), counting("false", -1.0), x, y)
+
+    x = jnp.arange(4.0)
+    y = jnp.asarray(2, x.dtype)
+    batched = jax.jit(jax.vmap(cond, in_axes=(0, 0, None)))
+    for predicate, shifts, ran in [
+        ([True] * 4, [2, 2, 2, 2], {"true"}),
+        ([False] * 4, [-2, -2, -2, -2], {"false"}),
+        ([True, False, False, True], [2, -2, -2, 2], {"true", "false"}),
+    ]:
+        calls.update(true=0, false=0)
+        result = batched(jnp.array(predicate), x, y)
+        jax.effects_barrier()
+        np.testing.assert_array_equal(result, x + jnp.array(shifts, x.dtype))
+        assert {name for name, count in calls.items() if count} == ran, (predicate, calls)
+    # An unbatched predicate with batched operands, and no vmap at all.
+    calls.update(true=0, false=0)
+    result = jax.jit(jax.vmap(cond, in_axes=(None, 0, None)))(jnp.array(False), x, y)
+    jax.effects_barrier()
+    np.testing.assert_array_equal(result, x - 2)
+    assert calls["true"] == 0
+    assert float(jax.jit(cond)(jnp.array(True), x[3], y)) == 5.0
 
 
 def test_check_model_passes_the_expanded_step(dtype):
