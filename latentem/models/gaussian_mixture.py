@@ -162,9 +162,9 @@ _KERNEL_MODES = {"gpu": "compiled"}
 # moments accurate to round-off, so "auto" keeps them; "expanded" is the opt-in there,
 # with the accuracy of _expanded_rounding. Since its products of features are formed
 # once per fit (they depend on the data alone) rather than at every iteration, it is
-# about twice as fast as the centred form on a 2-core AMD EPYC without AVX-512: float32
-# (1e5, 8, 8) 4.4-5.4 ms per iteration (9.6-9.7 ms forming them each time) and
-# (1e5, 32, 16) 79 ms (140 ms).
+# the faster form on a 2-core AMD EPYC without AVX-512: float32 (1e5, 8, 8) 5.3 against
+# 9.1 ms per iteration centred, (1e5, 32, 16) 84 against 105 ms, in one benchmark run
+# (forming the products at every iteration, 9.6-9.7 and 140 ms).
 MOMENTS = ("auto", "centred", "expanded")
 _EXPANDED_BACKENDS = ("gpu",)
 _EXPANDED_MIN_VALUES = 1 << 22
