@@ -705,13 +705,12 @@ def _expanded_moments(
               - \tfrac12 (d \log 2\pi + m_k^\top P_k m_k),
 
     so ``log_joint = phi @ coefficients.T`` (``features`` are :math:`\phi(x - c)`); and
-    every moment the M-step needs is a
-    column of ``(w r)^T phi``: the counts, the sums of :math:`y`, and
-    :math:`Q_k = \sum_n w_n r_{nk} y_n y_n^\top`, from which the scatter about the new
-    mean is :math:`Q_k - s_k s_k^\top / N_k`. Every product here runs at full float32
-    precision whatever the default matmul precision (in TF32 the cancellation would
-    leave little of the result); see ``_expanded_rounding`` for what the expansion
-    costs in accuracy.
+    every moment the M-step needs is a column of ``(w r)^T phi``: the counts, the sums
+    of :math:`y`, and :math:`Q_k = \sum_n w_n r_{nk} y_n y_n^\top`, from which the
+    scatter about the new mean is :math:`Q_k - s_k s_k^\top / N_k`. Every product here
+    runs at full float32 precision whatever the default matmul precision (in TF32 the
+    cancellation would leave little of the result); see ``_expanded_rounding`` for what
+    the expansion costs in accuracy.
     """
     n_features = params.means.shape[1]
     dtype = features.dtype
