@@ -4,7 +4,8 @@ memory at scale, and GPU throughput.
 Every library starts from the same initial parameters on the same data and runs a fixed
 number of EM iterations (tol = 0). Per-iteration time is the difference between runs of
 ``long`` and ``short`` iterations divided by the difference, so set-up costs (input
-conversion, initialisation, compilation) cancel; each is the best of ``--repeat`` runs.
+conversion, initialisation, compilation) cancel; the libraries of a table are timed in
+``--repeat`` interleaved rounds (see ``per_iteration``), each taking its best round.
 
     python benchmarks/single.py                 # CPU table, float32 and float64
     python benchmarks/single.py --quick         # small sizes, a smoke run
@@ -41,22 +42,27 @@ def make_data(n_samples: int, n_features: int, n_components: int, seed: int = 0)
     return x, weights, means, np.ascontiguousarray(covariances)
 
 
-def best_time(run, repeat: int) -> float:
-    times = []
+def per_iteration(runners, short: int, long: int, repeat: int) -> dict[str, float]:
+    """Seconds per iteration of each of ``runners`` (name -> ``run(iterations)``).
+
+    The runners are timed in interleaved rounds: each round runs every one of them for
+    ``long`` and then ``short`` iterations, so a slow phase of a shared machine falls on
+    all the libraries of a table alike rather than on whichever was being timed (until
+    the twelfth session each library ran all its repeats in one block). A runner's time
+    per iteration is its best ``long`` run less its best ``short`` one, over the rounds,
+    divided by ``long - short``.
+    """
+    for run in runners.values():
+        run(short)  # warm-up (compilation for the JAX libraries)
+        run(long)
+    best = {(name, iterations): float("inf") for name in runners for iterations in (short, long)}
     for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def per_iteration(run_with_iterations, short: int, long: int, repeat: int) -> float:
-    run_with_iterations(short)  # warm-up (compilation for the JAX libraries)
-    run_with_iterations(long)
-    return (
-        best_time(lambda: run_with_iterations(long), repeat)
-        - best_time(lambda: run_with_iterations(short), repeat)
-    ) / (long - short)
+        for name, run in runners.items():
+            for iterations in (long, short):
+                start = time.perf_counter()
+                run(iterations)
+                best[name, iterations] = min(best[name, iterations], time.perf_counter() - start)
+    return {name: (best[name, long] - best[name, short]) / (long - short) for name in runners}
 
 
 def latentem_runner(x, weights, means, covariances, dtype, moments="auto"):
@@ -83,14 +89,8 @@ def latentem_runner(x, weights, means, covariances, dtype, moments="auto"):
     return run
 
 
-def time_latentem(x, weights, means, covariances, dtype, short, long, repeat, moments="auto"):
-    """Seconds per iteration and the fit of ``long`` iterations."""
-    run = latentem_runner(x, weights, means, covariances, dtype, moments)
-    seconds = per_iteration(run, short, long, repeat)
-    return seconds, run(long)
-
-
-def time_sklearn(x, weights, means, covariances, dtype, short, long, repeat):
+def sklearn_runner(x, weights, means, covariances, dtype):
+    """``run(iterations)``: scikit-learn's fit of that many iterations from the shared start."""
     from sklearn.mixture import GaussianMixture
 
     xs = np.asarray(x, dtype)
@@ -112,18 +112,18 @@ def time_sklearn(x, weights, means, covariances, dtype, short, long, repeat):
             warnings.simplefilter("ignore")
             return gm.fit(xs)
 
-    seconds = per_iteration(run, short, long, repeat)
-    return seconds, float(run(long).score(xs))
+    return run, lambda fit: float(fit.score(xs))
 
 
-def time_gmmx(x, weights, means, covariances, dtype, short, long, repeat):
+def gmmx_runner(x, weights, means, covariances, dtype):
+    """``run(iterations)`` for gmmx, or None where it does not run (not float32, not installed)."""
     if np.dtype(dtype) != np.float32:
-        return None, None  # gmmx checks for float32 and supports nothing else
+        return None  # gmmx checks for float32 and supports nothing else
     try:
         import jax.numpy as jnp
         from gmmx import EMFitter, GaussianMixtureModelJax
     except ImportError:
-        return None, None
+        return None
     xj = jnp.asarray(x, dtype)
     gmm = GaussianMixtureModelJax.from_squeezed(
         means=jnp.asarray(means, dtype),
@@ -131,15 +131,16 @@ def time_gmmx(x, weights, means, covariances, dtype, short, long, repeat):
         weights=jnp.asarray(weights, dtype),
         covariance_type="full",
     )
-    fitters = {m: EMFitter(max_iter=m, tol=0.0, reg_covar=1e-6) for m in (short, long)}
+    fitters = {}
 
     def run(iterations):
+        if iterations not in fitters:
+            fitters[iterations] = EMFitter(max_iter=iterations, tol=0.0, reg_covar=1e-6)
         result = fitters[iterations].fit(xj, gmm)
         result.log_likelihood.block_until_ready()
         return result
 
-    seconds = per_iteration(run, short, long, repeat)
-    return seconds, float(run(long).gmm.score(xj))
+    return run, lambda fit: float(fit.gmm.score(xj))
 
 
 def first_fit_compile_time(n_components: int, n_features: int) -> tuple[float, float]:
@@ -174,14 +175,23 @@ def cpu_table(sizes, dtypes, short, long, repeat):
     for dtype in dtypes:
         for n, d, k in sizes:
             x, weights, means, covariances = make_data(n, d, k)
-            ours, our_fit = time_latentem(x, weights, means, covariances, dtype, short, long, repeat)
-            our_ll = float(our_fit.log_likelihood)
-            sk, sk_ll = time_sklearn(x, weights, means, covariances, dtype, short, long, repeat)
-            gx, gx_ll = time_gmmx(x, weights, means, covariances, dtype, short, long, repeat)
-            # The opt-in expanded moments (moments="expanded"; "auto" is centred on a CPU).
-            expanded, expanded_fit = time_latentem(
-                x, weights, means, covariances, dtype, short, long, repeat, "expanded"
-            )
+            runners = {
+                "latentem": latentem_runner(x, weights, means, covariances, dtype),
+                # The opt-in expanded moments (moments="expanded"; "auto" is centred on a CPU).
+                "expanded": latentem_runner(x, weights, means, covariances, dtype, "expanded"),
+            }
+            sk_run, sk_score = sklearn_runner(x, weights, means, covariances, dtype)
+            runners["sklearn"] = sk_run
+            gmmx = gmmx_runner(x, weights, means, covariances, dtype)
+            if gmmx is not None:
+                runners["gmmx"] = gmmx[0]
+            seconds = per_iteration(runners, short, long, repeat)
+            ours, sk, expanded = seconds["latentem"], seconds["sklearn"], seconds["expanded"]
+            gx = seconds.get("gmmx")
+            our_ll = float(runners["latentem"](long).log_likelihood)
+            sk_ll = sk_score(sk_run(long))
+            gx_ll = None if gmmx is None else gmmx[1](gmmx[0](long))
+            expanded_fit = runners["expanded"](long)
             rows.append(
                 {
                     "dtype": np.dtype(dtype).name,
@@ -319,9 +329,9 @@ def gpu_table(sizes, short, long, repeat):
         for moments in ("centred", "auto", "expanded"):
             for precision in ("default", "highest"):
                 with jax.default_matmul_precision(None if precision == "default" else "highest"):
-                    seconds, fit = time_latentem(
-                        x, weights, means, covariances, np.float32, short, long, repeat, moments
-                    )
+                    run = latentem_runner(x, weights, means, covariances, np.float32, moments)
+                    seconds = per_iteration({"latentem": run}, short, long, repeat)["latentem"]
+                    fit = run(long)
                 errors = [
                     float(np.max(np.abs(np.asarray(ours, np.float64) - ref)) / np.max(np.abs(ref)))
                     for ours, ref in (
