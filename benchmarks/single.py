@@ -90,7 +90,8 @@ def latentem_runner(x, weights, means, covariances, dtype, moments="auto"):
 
 
 def sklearn_runner(x, weights, means, covariances, dtype):
-    """``run(iterations)``: scikit-learn's fit of that many iterations from the shared start."""
+    """``(run, score)``: ``run(iterations)`` is scikit-learn's fit of that many iterations
+    from the shared start, ``score(fit)`` its mean log-likelihood of the data."""
     from sklearn.mixture import GaussianMixture
 
     xs = np.asarray(x, dtype)
@@ -116,7 +117,8 @@ def sklearn_runner(x, weights, means, covariances, dtype):
 
 
 def gmmx_runner(x, weights, means, covariances, dtype):
-    """``run(iterations)`` for gmmx, or None where it does not run (not float32, not installed)."""
+    """``(run, score)`` for gmmx as for ``sklearn_runner``, or None where gmmx does not run
+    (not float32, or not installed)."""
     if np.dtype(dtype) != np.float32:
         return None  # gmmx checks for float32 and supports nothing else
     try:
