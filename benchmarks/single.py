@@ -42,7 +42,7 @@ def make_data(n_samples: int, n_features: int, n_components: int, seed: int = 0)
     return x, weights, means, np.ascontiguousarray(covariances)
 
 
-def per_iteration(runners, short: int, long: int, repeat: int) -> dict[str, float]:
+def per_iteration(runners, short: int, long: int, repeat: int, pause: float = 0.25) -> dict[str, float]:
     """Seconds per iteration of each of ``runners`` (name -> ``run(iterations)``).
 
     The runners are timed in interleaved rounds: each round runs every one of them for
@@ -51,6 +51,14 @@ def per_iteration(runners, short: int, long: int, repeat: int) -> dict[str, floa
     the twelfth session each library ran all its repeats in one block). A runner's time
     per iteration is its best ``long`` run less its best ``short`` one, over the rounds,
     divided by ``long - short``.
+
+    Each runner starts after ``pause`` idle seconds, untimed: OpenBLAS's worker threads
+    (scikit-learn's products) busy-wait for a while after each call, and on a two-core
+    machine they took a core from whatever ran next. In the thirteenth session, at
+    (100000, 8, 8) in float32, latentem timed in rounds with scikit-learn took 8.4 and
+    7.9 ms per iteration, alone 5.1 and 6.1, with a 0.3 s pause before each run 6.1 and
+    4.8; ``OPENBLAS_THREAD_TIMEOUT=4`` (workers that sleep almost at once) also removed
+    most of it.
     """
     for run in runners.values():
         run(short)  # warm-up (compilation for the JAX libraries)
@@ -58,6 +66,7 @@ def per_iteration(runners, short: int, long: int, repeat: int) -> dict[str, floa
     best = {(name, iterations): float("inf") for name in runners for iterations in (short, long)}
     for _ in range(repeat):
         for name, run in runners.items():
+            time.sleep(pause)
             for iterations in (long, short):
                 start = time.perf_counter()
                 run(iterations)
@@ -89,10 +98,15 @@ def latentem_runner(x, weights, means, covariances, dtype, moments="auto"):
     return run
 
 
-def sklearn_runner(x, weights, means, covariances, dtype):
+def sklearn_runner(x, weights, means, covariances, dtype, blas_threads=None):
     """``(run, score)``: ``run(iterations)`` is scikit-learn's fit of that many iterations
-    from the shared start, ``score(fit)`` its mean log-likelihood of the data."""
+    from the shared start, ``score(fit)`` its mean log-likelihood of the data.
+
+    ``blas_threads`` limits the BLAS threads of the fit (``threadpoolctl``, a dependency
+    of scikit-learn); None leaves scikit-learn as a user gets it.
+    """
     from sklearn.mixture import GaussianMixture
+    from threadpoolctl import threadpool_limits
 
     xs = np.asarray(x, dtype)
     precisions = np.linalg.inv(covariances)
@@ -109,7 +123,7 @@ def sklearn_runner(x, weights, means, covariances, dtype):
             precisions_init=precisions,
             reg_covar=1e-6,
         )
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), threadpool_limits(blas_threads, user_api="blas"):
             warnings.simplefilter("ignore")
             return gm.fit(xs)
 
@@ -184,11 +198,18 @@ def cpu_table(sizes, dtypes, short, long, repeat):
             }
             sk_run, sk_score = sklearn_runner(x, weights, means, covariances, dtype)
             runners["sklearn"] = sk_run
+            # scikit-learn with one BLAS thread: on this two-core machine its default
+            # (OpenBLAS workers that busy-wait between products) slows its own
+            # single-threaded NumPy work (thirteenth session, scikit-learn timed alone at
+            # (100000, 8, 8): 163 and 171 ms per iteration, 103 and 107 with one
+            # thread), so the tables give the ratio to both.
+            runners["sklearn_1"] = sklearn_runner(x, weights, means, covariances, dtype, 1)[0]
             gmmx = gmmx_runner(x, weights, means, covariances, dtype)
             if gmmx is not None:
                 runners["gmmx"] = gmmx[0]
             seconds = per_iteration(runners, short, long, repeat)
             ours, sk, expanded = seconds["latentem"], seconds["sklearn"], seconds["expanded"]
+            sk1 = seconds["sklearn_1"]
             gx = seconds.get("gmmx")
             our_ll = float(runners["latentem"](long).log_likelihood)
             sk_ll = sk_score(sk_run(long))
@@ -202,10 +223,13 @@ def cpu_table(sizes, dtypes, short, long, repeat):
                     "sklearn_ms": 1e3 * sk,
                     "gmmx_ms": None if gx is None else 1e3 * gx,
                     "vs_sklearn": sk / ours,
+                    "sklearn_1thread_ms": 1e3 * sk1,
+                    "vs_sklearn_1thread": sk1 / ours,
                     "vs_gmmx": None if gx is None else gx / ours,
                     "loglik": (our_ll, sk_ll, gx_ll),
                     "expanded_ms": 1e3 * expanded,
                     "expanded_vs_sklearn": sk / expanded,
+                    "expanded_vs_sklearn_1thread": sk1 / expanded,
                     "expanded_vs_gmmx": None if gx is None else gx / expanded,
                     "expanded_loglik": float(expanded_fit.log_likelihood),
                 }
@@ -213,15 +237,16 @@ def cpu_table(sizes, dtypes, short, long, repeat):
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(
         "| dtype | (n, d, k) | latentem ms/iter | scikit-learn ms/iter | gmmx ms/iter "
-        "| vs scikit-learn | vs gmmx |"
+        "| vs scikit-learn | vs gmmx | scikit-learn, 1 BLAS thread | vs it |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         gmmx_ms = "n/a" if r["gmmx_ms"] is None else f"{r['gmmx_ms']:.2f}"
         vs_gmmx = "n/a" if r["vs_gmmx"] is None else f"{r['vs_gmmx']:.1f}x"
         print(
             f"| {r['dtype']} | {r['size']} | {r['latentem_ms']:.2f} | {r['sklearn_ms']:.2f} | {gmmx_ms} "
-            f"| {r['vs_sklearn']:.1f}x | {vs_gmmx} |"
+            f"| {r['vs_sklearn']:.1f}x | {vs_gmmx} | {r['sklearn_1thread_ms']:.2f} "
+            f"| {r['vs_sklearn_1thread']:.1f}x |"
         )
     print()
     print("Final mean log-likelihoods (latentem, scikit-learn, gmmx) agree:")
@@ -232,13 +257,16 @@ def cpu_table(sizes, dtypes, short, long, repeat):
         )
     print()
     print("latentem with moments='expanded' (opt-in on a CPU), same run:")
-    print("| dtype | (n, d, k) | ms/iter | vs scikit-learn | vs gmmx | final mean log-lik. |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| dtype | (n, d, k) | ms/iter | vs scikit-learn | vs gmmx "
+        "| vs scikit-learn, 1 BLAS thread | final mean log-lik. |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         vs_gmmx = "n/a" if r["expanded_vs_gmmx"] is None else f"{r['expanded_vs_gmmx']:.1f}x"
         print(
             f"| {r['dtype']} | {r['size']} | {r['expanded_ms']:.2f} | {r['expanded_vs_sklearn']:.1f}x "
-            f"| {vs_gmmx} | {r['expanded_loglik']:.6f} |"
+            f"| {vs_gmmx} | {r['expanded_vs_sklearn_1thread']:.1f}x | {r['expanded_loglik']:.6f} |"
         )
 
 
