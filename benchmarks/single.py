@@ -2,10 +2,11 @@
 memory at scale, and GPU throughput.
 
 Every library starts from the same initial parameters on the same data and runs a fixed
-number of EM iterations (tol = 0). Per-iteration time is the difference between runs of
-``long`` and ``short`` iterations divided by the difference, so set-up costs (input
-conversion, initialisation, compilation) cancel; the libraries of a table are timed in
-``--repeat`` interleaved rounds (see ``per_iteration``), each taking its best round.
+number of EM iterations (tol = 0). Per-iteration time is the difference between a long
+and a short run divided by the difference in iterations, so set-up costs (input
+conversion, initialisation, compilation) cancel; the long run is at least half a second
+longer than the short one, and the libraries of a table are timed in ``--repeat``
+interleaved rounds (see ``per_iteration``), each taking its best round.
 
     python benchmarks/single.py                 # CPU table, float32 and float64
     python benchmarks/single.py --quick         # small sizes, a smoke run
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import resource
 import subprocess
@@ -42,15 +44,25 @@ def make_data(n_samples: int, n_features: int, n_components: int, seed: int = 0)
     return x, weights, means, np.ascontiguousarray(covariances)
 
 
-def per_iteration(runners, short: int, long: int, repeat: int, pause: float = 0.25) -> dict[str, float]:
+def per_iteration(
+    runners, short: int, long: int, repeat: int, pause: float = 0.25, window: float = 0.5
+) -> dict[str, float]:
     """Seconds per iteration of each of ``runners`` (name -> ``run(iterations)``).
 
     The runners are timed in interleaved rounds: each round runs every one of them for
-    ``long`` and then ``short`` iterations, so a slow phase of a shared machine falls on
-    all the libraries of a table alike rather than on whichever was being timed (until
-    the twelfth session each library ran all its repeats in one block). A runner's time
-    per iteration is its best ``long`` run less its best ``short`` one, over the rounds,
-    divided by ``long - short``.
+    its long run and then ``short`` iterations, so a slow phase of a shared machine
+    falls on all the libraries of a table alike rather than on whichever was being timed
+    (until the twelfth session each library ran all its repeats in one block). A
+    runner's time per iteration is its best long run less its best short one, over the
+    rounds, divided by the difference in iterations.
+
+    A runner's long run has ``long`` iterations, or more where that takes less than
+    ``window`` seconds beyond the short run (estimated from one timed short run): a
+    scheduling hiccup of a few milliseconds is then a small part of the difference. In
+    the fourteenth session, twelve alternations of latentem at (100000, 8, 8) in float32
+    gave per-iteration times of 4.47-8.34 ms with 13 iterations against 3 (a 50 ms
+    difference) and 5.01-5.74 ms with 53 against 3. The final log-likelihoods compared
+    in the tables still come from ``long`` iterations for every library.
 
     Each runner starts after ``pause`` idle seconds, untimed: OpenBLAS's worker threads
     (scikit-learn's products) busy-wait for a while after each call, and on a two-core
@@ -60,18 +72,27 @@ def per_iteration(runners, short: int, long: int, repeat: int, pause: float = 0.
     4.8; ``OPENBLAS_THREAD_TIMEOUT=4`` (workers that sleep almost at once) also removed
     most of it.
     """
-    for run in runners.values():
+    longs = {}
+    for name, run in runners.items():
         run(short)  # warm-up (compilation for the JAX libraries)
         run(long)
-    best = {(name, iterations): float("inf") for name in runners for iterations in (short, long)}
+        start = time.perf_counter()
+        run(short)
+        # An overestimate (the short run's set-up counts as iterations): a shorter window.
+        estimate = (time.perf_counter() - start) / short
+        longs[name] = short + min(max(long - short, math.ceil(window / estimate)), 400)
+        if longs[name] != long:
+            run(longs[name])  # warm-up of the longer run
+        print(f"  {name}: timed over {short} and {longs[name]} iterations", file=sys.stderr, flush=True)
+    best = {(name, iterations): float("inf") for name in runners for iterations in (short, longs[name])}
     for _ in range(repeat):
         for name, run in runners.items():
             time.sleep(pause)
-            for iterations in (long, short):
+            for iterations in (longs[name], short):
                 start = time.perf_counter()
                 run(iterations)
                 best[name, iterations] = min(best[name, iterations], time.perf_counter() - start)
-    return {name: (best[name, long] - best[name, short]) / (long - short) for name in runners}
+    return {name: (best[name, longs[name]] - best[name, short]) / (longs[name] - short) for name in runners}
 
 
 def latentem_runner(x, weights, means, covariances, dtype, moments="auto"):
