@@ -56,13 +56,14 @@ def per_iteration(
     runner's time per iteration is its best long run less its best short one, over the
     rounds, divided by the difference in iterations.
 
-    A runner's long run has ``long`` iterations, or more where that takes less than
-    ``window`` seconds beyond the short run (estimated from one timed short run): a
-    scheduling hiccup of a few milliseconds is then a small part of the difference. In
-    the fourteenth session, twelve alternations of latentem at (100000, 8, 8) in float32
-    gave per-iteration times of 4.47-8.34 ms with 13 iterations against 3 (a 50 ms
-    difference) and 5.01-5.74 ms with 53 against 3. The final log-likelihoods compared
-    in the tables still come from ``long`` iterations for every library.
+    A runner's long run has ``long`` iterations, or more (at most 400 more than
+    ``short``) where that takes less than ``window`` seconds beyond the short run
+    (estimated from one timed short run): a scheduling hiccup of a few milliseconds is
+    then a small part of the difference. In the fourteenth session, twelve alternations
+    of latentem at (100000, 8, 8) in float32 gave per-iteration times of 4.47-8.34 ms
+    with 13 iterations against 3 (a 50 ms difference) and 5.01-5.74 ms with 53 against
+    3. The final log-likelihoods compared in the tables still come from ``long``
+    iterations for every library.
 
     Each runner starts after ``pause`` idle seconds, untimed: OpenBLAS's worker threads
     (scikit-learn's products) busy-wait for a while after each call, and on a two-core
