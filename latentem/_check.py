@@ -49,7 +49,7 @@ from latentem._base import (
     float_dtype,
     tree_all_finite,
 )
-from latentem._em import _em_iteration, e_step, em_step
+from latentem._em import _em_iteration, _fused_iteration, e_step, em_step
 
 # Names of the checks, in the order they run.
 FUNCTIONS = "functions"
@@ -694,7 +694,7 @@ def _check_fused_step(ctx: _Context) -> str:
         raise _Skipped("the model has no fused_step.")
     if model.posterior is not None:
         raise _Skipped("the model has a posterior, which the engine uses instead of fused_step.")
-    if jax.eval_shape(model.fused_step, ctx.params, x, weights) is None:
+    if jax.eval_shape(functools.partial(_fused_iteration, model), ctx.params, x, weights) is None:
         raise _Skipped("fused_step declines data of this size; the engine uses log_joint and m_step.")
     tolerance = 1000 * float(np.finfo(ctx.dtype).eps)
     params, worst = ctx.params, 0.0

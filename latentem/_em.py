@@ -199,17 +199,48 @@ def em_step(
     return new_params, objective
 
 
+# `prepared` not given: `_fused_iteration` evaluates the model's `fused_prepare` itself.
+_UNPREPARED = object()
+
+
+def _fused_prepare(model: LatentModel, x: Array, weights: Array) -> Any:
+    """The model's ``fused_prepare(x, weights)`` where the engine uses its ``fused_step``
+    and it has one; else None. ``fit_em`` evaluates it once, before its loop."""
+    if model.fused_step is None or model.posterior is not None or model.fused_prepare is None:
+        return None
+    return model.fused_prepare(x, weights)
+
+
+def _fused_iteration(
+    model: LatentModel, params: Params, x: Array, weights: Array, prepared: Any = _UNPREPARED
+) -> tuple[Params, Array, Array] | None:
+    """The model's ``fused_step`` (with what ``fused_prepare`` returned, when it has
+    one), or None where it has none or declines."""
+    if model.fused_step is None or model.posterior is not None:
+        return None
+    if model.fused_prepare is None:
+        return model.fused_step(params, x, weights)
+    if prepared is _UNPREPARED:
+        prepared = model.fused_prepare(x, weights)
+    return model.fused_step(params, x, weights, prepared)
+
+
 def _em_iteration(
-    model: LatentModel, params: Params, x: Array, weights: Array, total_weight: Array
+    model: LatentModel,
+    params: Params,
+    x: Array,
+    weights: Array,
+    total_weight: Array,
+    prepared: Any = _UNPREPARED,
 ) -> tuple[Params, Array, Array | None]:
     """E-step and objective at ``params``, then the M-step.
 
     Returns ``(new_params, objective, state_mass)``; ``state_mass`` is the posterior mass
     of each latent state at ``params`` for finite-state models (``None`` otherwise).
+    ``prepared``: the model's ``fused_prepare(x, weights)``, where the caller evaluated
+    it already.
     """
-    iteration = None
-    if model.fused_step is not None and model.posterior is None:
-        iteration = model.fused_step(params, x, weights)
+    iteration = _fused_iteration(model, params, x, weights, prepared)
     if iteration is None:
         iteration = _unfused_iteration(model, params, x, weights)
     new_params, log_likelihood_sum, state_mass = iteration
@@ -316,7 +347,11 @@ def fit_em(
     max_iter = check_positive_int(max_iter, "max_iter", minimum=0)
     check_nonnegative(tol, "tol")
     total_weight = weights.sum()
-    iterate = functools.partial(_em_iteration, model, x=x, weights=weights, total_weight=total_weight)
+    # Outside the loop: XLA does not reliably hoist it (see FusedPrepareFn).
+    prepared = _fused_prepare(model, x, weights)
+    iterate = functools.partial(
+        _em_iteration, model, x=x, weights=weights, total_weight=total_weight, prepared=prepared
+    )
     _, objective_shape, mass_shape = jax.eval_shape(iterate, params)
     tol = jnp.asarray(tol, objective_shape.dtype)
 

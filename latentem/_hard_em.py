@@ -93,4 +93,6 @@ def _hard_em(model: LatentModel) -> LatentModel:
         return assignments, jnp.max(log_joint, axis=1)
 
     # The model's fused step (if any) is a soft-EM iteration: not this one.
-    return LatentModel(**{**model._asdict(), "posterior": posterior, "fused_step": None})
+    return LatentModel(
+        **{**model._asdict(), "posterior": posterior, "fused_step": None, "fused_prepare": None}
+    )

@@ -572,6 +572,88 @@ def test_expanded_fit_equals_centred_fit(dtype):
         )
 
 
+def test_expanded_moments_by_blocks_of_samples_equal_one_product(dtype, monkeypatch):
+    """The blocked moments (the GPU's form, here forced on this backend with a block
+    that does not divide n_samples, so that padding rows of weight zero are added) give
+    the same 20 iterations as one product, and both are within the float64 NumPy/SciPy
+    iterations' tolerance of test_expanded_fit_equals_centred_fit."""
+    module = importlib.import_module("latentem.models.gaussian_mixture")
+    x, weights, start = expanded_case(separation=8, seed=1)
+    block = 97
+    assert x.shape[0] % block != 0
+    reference = start
+    for _ in range(20):
+        reference, _ = numpy_em_iteration(x, weights, reference, 1e-6)
+    fits = {}
+    for blocks in (False, True):
+        monkeypatch.setattr(
+            module, "_EXPANDED_BLOCK_SAMPLES", {jax.default_backend(): block} if blocks else {}
+        )
+        data = module._expanded_data(jnp.asarray(x, dtype), jnp.asarray(weights, dtype))
+        expected_rows = -(-x.shape[0] // block) * block if blocks else x.shape[0]
+        assert data.features.shape[0] == data.weights.shape[0] == expected_rows
+        assert np.all(np.asarray(data.weights[x.shape[0] :]) == 0)
+        model = lem.gaussian_mixture(3, reg_covar=1e-6, reg_covar_mode="absolute", moments="expanded")
+        fits[blocks] = lem.fit_em(
+            model,
+            to_params(*start, dtype),
+            jnp.asarray(x, dtype),
+            weights=jnp.asarray(weights, dtype),
+            max_iter=20,
+            tol=0.0,
+        )
+        for value, expected in zip(fits[blocks].params, reference, strict=True):
+            error = np.max(np.abs(np.asarray(value, np.float64) - expected)) / np.max(np.abs(expected))
+            assert error <= rtol_for(dtype, 1e-9, 1e-4), f"blocks={blocks}: relative error {error:.2g}"
+    scale = float(np.abs(fits[False].params.covariances).max())
+    assert_trees_all_close(
+        fits[True].params,
+        fits[False].params,
+        rtol=rtol_for(dtype, 1e-12, 1e-5),
+        atol=rtol_for(dtype, 1e-12, 1e-5) * scale,
+    )
+    assert abs(float(fits[True].log_likelihood) - float(fits[False].log_likelihood)) <= rtol_for(
+        dtype, 1e-12, 1e-5
+    ) * abs(float(fits[False].log_likelihood))
+
+
+def test_fit_forms_the_products_of_features_once_outside_the_loop(dtype):
+    """fit_em evaluates the model's fused_prepare before its while loop: the (n, F)
+    products of features are made outside the loop's body (XLA on a GPU did not hoist
+    them when they were formed inside), and the loop body holds no op that makes them."""
+    x, _, start = expanded_case(separation=8, seed=1)
+    model = lem.gaussian_mixture(3, reg_covar=1e-6, reg_covar_mode="absolute", moments="expanded")
+    n_products = (x.shape[1] + 1) * (x.shape[1] + 2) // 2
+    jaxpr = jax.make_jaxpr(functools.partial(lem.fit_em, model, max_iter=5, tol=0.0))(
+        to_params(*start, dtype), jnp.asarray(x, dtype)
+    ).jaxpr
+
+    def inner_jaxprs(equation):
+        for value in equation.params.values():
+            for item in value if isinstance(value, (tuple, list)) else (value,):
+                if hasattr(item, "eqns"):
+                    yield item
+                elif hasattr(item, "jaxpr") and hasattr(item.jaxpr, "eqns"):
+                    yield item.jaxpr
+
+    def makes_features(equations):
+        """Whether any equation, or one nested in it (conditionals, calls), outputs an
+        (n, F) array."""
+        return any(
+            any(
+                var.aval.ndim == 2 and var.aval.shape[-1] == n_products and var.aval.shape[0] >= x.shape[0]
+                for var in equation.outvars
+            )
+            or any(makes_features(inner.eqns) for inner in inner_jaxprs(equation))
+            for equation in equations
+        )
+
+    loops = [equation for equation in jaxpr.eqns if equation.primitive.name == "while"]
+    assert len(loops) == 1
+    assert makes_features(jaxpr.eqns)
+    assert not makes_features(loops[0].params["body_jaxpr"].jaxpr.eqns)
+
+
 def test_expanded_iteration_falls_back_to_centred_where_it_would_lose_digits(dtype):
     """Clusters about 400 standard deviations apart: the guard exceeds its limit, and the
     iteration is the centred one (the expanded moments alone are off by far more)."""
