@@ -203,10 +203,16 @@ def em_step(
 _UNPREPARED = object()
 
 
+def _uses_fused_step(model: LatentModel) -> bool:
+    """Whether the engine's iteration starts from the model's ``fused_step`` (a model
+    with a ``posterior`` uses that instead)."""
+    return model.fused_step is not None and model.posterior is None
+
+
 def _fused_prepare(model: LatentModel, x: Array, weights: Array) -> Any:
     """The model's ``fused_prepare(x, weights)`` where the engine uses its ``fused_step``
     and it has one; else None. ``fit_em`` evaluates it once, before its loop."""
-    if model.fused_step is None or model.posterior is not None or model.fused_prepare is None:
+    if not _uses_fused_step(model) or model.fused_prepare is None:
         return None
     return model.fused_prepare(x, weights)
 
@@ -216,12 +222,12 @@ def _fused_iteration(
 ) -> tuple[Params, Array, Array] | None:
     """The model's ``fused_step`` (with what ``fused_prepare`` returned, when it has
     one), or None where it has none or declines."""
-    if model.fused_step is None or model.posterior is not None:
+    if not _uses_fused_step(model):
         return None
     if model.fused_prepare is None:
         return model.fused_step(params, x, weights)
     if prepared is _UNPREPARED:
-        prepared = model.fused_prepare(x, weights)
+        prepared = _fused_prepare(model, x, weights)
     return model.fused_step(params, x, weights, prepared)
 
 
