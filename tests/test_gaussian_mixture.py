@@ -758,8 +758,11 @@ def test_moments_choice_and_size_rule():
         lem.gaussian_mixture(2, moments="fast")
     with pytest.raises(ValueError, match='moments="expanded" is for covariance_type="full"'):
         lem.gaussian_mixture(2, "diag", moments="expanded")
-    if jax.default_backend() not in module._EXPANDED_BACKENDS:
-        assert lem.gaussian_mixture(2).fused_step is None  # "auto": centred here
+    if jax.default_backend() not in module._EXPANDED_BACKENDS:  # "auto": centred here
+        model = lem.gaussian_mixture(2)
+        x, weights = jnp.zeros((1000, 8)), jnp.ones(1000)
+        assert model.fused_prepare is None or model.fused_prepare(x, weights) is None
+        assert model.fused_step is None or model.fused_step(to_params(*_two_components(8), x.dtype), x, weights) is None
     # "auto" takes large fits only; neither takes products of features beyond the budget.
     assert not module._expanded_applies(1000, 8, 8, always=False)
     assert module._expanded_applies(1_000_000, 64, 32, always=False)
@@ -772,3 +775,138 @@ def test_moments_choice_and_size_rule():
     with jax.default_matmul_precision("tensorfloat32"):
         assert not module._float32_products_requested()
     assert not module._expanded_applies(10_000_000, 64, 32, always=True)
+
+
+def _two_components(n_features):
+    return np.full(2, 0.5), np.stack([np.zeros(n_features), np.ones(n_features)]), np.stack([np.eye(n_features)] * 2)
+
+
+# ---------------------------------------------------------------------------
+# Samples grouped by landmark; the scatter of the components a block meets
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Skipping of components in blocks of samples (a CPU's large full and tied fits),
+    here on this backend, for small data: ``configure(block, slots, n_components,
+    n_features)`` makes blocks of ``block`` samples at that size, with ``slots`` slots."""
+    module = importlib.import_module("latentem.models.gaussian_mixture")
+    backend = jax.default_backend()
+
+    def configure(block, slots, n_components=3, n_features=6):
+        monkeypatch.setattr(module, "_ACTIVE_COMPONENT_SLOTS", {backend: slots})
+        monkeypatch.setattr(module, "_ACTIVE_COMPONENTS_MIN_VALUES", 0)
+        monkeypatch.setattr(module, "_CHUNK_ELEMENTS", {backend: block * n_components * n_features})
+        return module
+
+    return configure
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "tied"])
+def test_scatter_of_active_components_equals_every_components_scatter(covariance_type, dtype, small_blocks):
+    """Blocks in which at most ``slots`` components have responsibilities other than
+    zero compute those components' scatter alone; blocks with more compute all. With
+    blocks of every kind (one component, filling one slot of two; two; all five), and a
+    last block shifted back over samples already counted, the scatter equals NumPy's,
+    and the one without skipping."""
+    n_samples, n_components, n_features = 2050, 5, 6
+    module = small_blocks(block=200, slots=2, n_components=n_components, n_features=n_features)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((n_samples, n_features)) * 3 + 20.0
+    # Blocks 0-4 meet one component (0, 1, 2, 3, 4), blocks 5-7 two, the rest all five.
+    responsibilities = np.zeros((n_samples, n_components))
+    for block in range(-(-n_samples // 200)):
+        rows = slice(block * 200, (block + 1) * 200)
+        meets = [block] if block < 5 else [0, block - 3] if block < 8 else list(range(n_components))
+        responsibilities[rows, meets] = rng.dirichlet(np.ones(len(meets)), 200)[: len(x[rows])]
+    responsibilities *= rng.uniform(0.5, 2.0, (n_samples, 1))  # sample weights
+    reference = x.mean(axis=0)
+    counts = responsibilities.sum(axis=0)
+    means = responsibilities.T @ x / counts[:, None]
+    expected = np.stack(
+        [(responsibilities[:, k, None] * (x - means[k])).T @ (x - means[k]) for k in range(n_components)]
+    )
+    if covariance_type == "tied":
+        expected = expected.sum(axis=0)
+    chunk = module._chunk_size(n_samples, n_components * n_features)
+    assert chunk == 200 and n_samples % chunk != 0
+    active = [np.count_nonzero((responsibilities[i : i + chunk] > 0).any(axis=0)) for i in range(0, n_samples, chunk)]
+    assert min(active) == 1 and 2 in active and max(active) == n_components
+    assert module._active_component_slots(n_samples, n_components, n_features, covariance_type) == 2
+
+    def scatter():  # a fresh function each time: jax.jit's trace cache would reuse the first path
+        return jax.jit(
+            lambda x, r, m, c: module._scatter(x, r, m, c, covariance_type)
+        )
+
+    arguments = (
+        jnp.asarray(x, dtype),
+        jnp.asarray(responsibilities.T, dtype),
+        jnp.asarray(means - reference, dtype),
+        jnp.asarray(reference, dtype),
+    )
+    skipping = scatter()(*arguments)
+    rtol = rtol_for(dtype, 1e-10, 1e-5)
+    np.testing.assert_allclose(skipping, expected, rtol=rtol, atol=rtol * np.abs(expected).max())
+    small_blocks(block=200, slots=0, n_components=n_components, n_features=n_features)
+    assert module._active_component_slots(n_samples, n_components, n_features, covariance_type) is None
+    np.testing.assert_allclose(scatter()(*arguments), skipping, rtol=rtol, atol=rtol * np.abs(expected).max())
+
+
+def test_sample_order_puts_each_cluster_together(dtype):
+    """Farthest-point landmarks visit every separated cluster before any twice, so the
+    order is a permutation in which each cluster's samples are consecutive."""
+    module = importlib.import_module("latentem.models.gaussian_mixture")
+    rng = np.random.default_rng(6)
+    labels = rng.integers(0, 5, 4000)
+    x = rng.normal(0, 30, (5, 7))[labels] + rng.standard_normal((4000, 7)) + 1e3
+    order = np.asarray(jax.jit(module._sample_order, static_argnums=1)(jnp.asarray(x, dtype), 5))
+    np.testing.assert_array_equal(np.sort(order), np.arange(4000))
+    assert np.count_nonzero(np.diff(labels[order])) == 4  # five runs, one per cluster
+
+
+def test_grouped_fit_equals_numpy_iterations(dtype, small_blocks):
+    """A fit on samples grouped by ``_sample_order`` (once, before the loop), with blocks
+    that skip components: twenty iterations equal twenty float64 NumPy/SciPy iterations
+    on the samples as given (uneven sample weights, some zero), and the blocks did skip."""
+    module = small_blocks(block=100, slots=1)
+    # Clusters far enough apart (about 2000 nats) for exact zeros even in float64.
+    x, weights, start = expanded_case(separation=60, seed=7)
+    model = lem.gaussian_mixture(3, reg_covar=1e-6, reg_covar_mode="absolute")
+    xj, wj = jnp.asarray(x, dtype), jnp.asarray(weights, dtype)
+    grouped = model.fused_prepare(xj, wj)
+    assert isinstance(grouped, module._GroupedData)
+    order = np.asarray(module._sample_order(xj, 3))
+    np.testing.assert_array_equal(grouped.x, xj[order])
+    np.testing.assert_array_equal(grouped.weights, wj[order])
+    reference = start
+    for _ in range(20):
+        reference, _ = numpy_em_iteration(x, weights, reference, 1e-6)
+    fit = twenty_iterations_against_numpy(model, x, weights, start, reference, dtype, "grouped")
+    responsibilities = np.asarray(lem.predict_proba(model, fit.params, grouped.x))
+    chunk = module._chunk_size(x.shape[0], 3 * x.shape[1])
+    active = [np.count_nonzero((responsibilities[i : i + chunk] > 0).any(axis=0)) for i in range(0, x.shape[0], chunk)]
+    assert active.count(1) >= len(active) // 2, active
+
+
+def test_batched_grouped_fits_equal_solo_fits(dtype, small_blocks):
+    """Restarts under jax.vmap (one dataset, several starts): the skipping's conditional
+    runs per batch, and every member equals its solo fit."""
+    small_blocks(block=100, slots=1)
+    x, weights, _ = expanded_case(separation=60, seed=8)
+    rng = np.random.default_rng(9)
+    model = lem.gaussian_mixture(3, reg_covar=1e-6, reg_covar_mode="absolute")
+    starts = [
+        to_params(np.full(3, 1 / 3), x[rng.choice(len(x), 3, replace=False)], np.stack([np.cov(x.T)] * 3), dtype)
+        for _ in range(3)
+    ]
+    stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *starts)
+    xj, wj = jnp.asarray(x, dtype), jnp.asarray(weights, dtype)
+    fit = functools.partial(lem.fit_em, model, max_iter=10, tol=0.0)
+    batched = jax.jit(jax.vmap(lambda p: fit(p, xj, weights=wj)))(stacked)
+    for i, start in enumerate(starts):
+        solo = fit(start, xj, weights=wj)
+        member = jax.tree_util.tree_map(lambda a, i=i: a[i], batched.params)
+        scale = float(np.abs(solo.params.covariances).max())
+        assert_trees_all_close(member, solo.params, rtol=rtol_for(dtype, 1e-10, 1e-4), atol=1e-5 * scale)

@@ -126,6 +126,15 @@ _ELEMENTWISE_MAX_FEATURES = 4
 _SCATTER_BY_ENTRIES_MAX_FEATURES = {"cpu": 8}
 _SCATTER_BY_ENTRIES_MIN_VALUES = 1 << 20
 
+# On these backends, for data of at least _ACTIVE_COMPONENTS_MIN_VALUES values n k d, a
+# block of samples in which at most this many components (and at most half of them)
+# have responsibilities other than zero forms the scatter of those components alone
+# (_scatter_of_active_components). In float32 a responsibility is exactly zero from
+# about 100 nats below the sample's best component, which separated clusters reach
+# after a few iterations.
+_ACTIVE_COMPONENT_SLOTS = {"cpu": 4}
+_ACTIVE_COMPONENTS_MIN_VALUES = 1 << 20
+
 # From this many features the full-covariance E-step subtracts the projected means
 # inside its GEMM (see _log_gaussian_density_by_state). On a 2-core AVX2 CPU the log
 # densities of (1e5, 32, 16) took 58 against 89 ms, (1e5, 16, 8) 8.6-9.4 against 11.9
@@ -455,13 +464,14 @@ def _scatter(x: Array, responsibilities: Array, centred_means: Array, reference:
     diagonal for diag and spherical covariances), from explicit deviations (two passes,
     as scikit-learn), so that it is positive semi-definite to round-off.
     ``responsibilities`` are states-first, ``(k, n)``."""
+    n_samples = x.shape[0]
     n_components, n_features = centred_means.shape
-    chunk = _chunk_size(x.shape[0], n_components * n_features)
+    chunk = _chunk_size(n_samples, n_components * n_features)
     if covariance_type in ("full", "tied") and not _scatter_by_entries_applies(
-        x.shape[0], n_components, n_features
+        n_samples, n_components, n_features
     ):
 
-        def scatter_by_gemm(rows: Array, weights: Array) -> Array:
+        def scatter_of_block(rows: Array, weights: Array, centred_means: Array, reference: Array) -> Array:
             # Features last for the GEMMs (as in the E-step): (k, c, d). Deviations
             # scaled by the square roots of the weights make the scatter a Gram
             # matrix, one operand read twice: on a 2-core AVX2 CPU the scatter of
@@ -474,24 +484,123 @@ def _scatter(x: Array, responsibilities: Array, centred_means: Array, reference:
             flat = scaled.reshape(-1, n_features)
             return flat.T @ flat
 
-        return _sum_sample_chunks(scatter_by_gemm, x, responsibilities, chunk)
+        data, sample_axis = x, 0
+    else:
 
-    def scatter_by_reductions(columns: Array, weights: Array) -> Array:
-        deviations = (columns - reference[:, None])[None, :, :] - centred_means[:, :, None]  # (k, d, c)
-        weighted = weights[:, None, :] * deviations
-        if covariance_type in ("full", "tied"):
-            return _scatter_by_entries(weighted, deviations, tied=covariance_type == "tied")
-        return jnp.sum(weighted * deviations, axis=2)
+        def scatter_of_block(columns: Array, weights: Array, centred_means: Array, reference: Array) -> Array:
+            deviations = (columns - reference[:, None])[None, :, :] - centred_means[:, :, None]  # (k, d, c)
+            weighted = weights[:, None, :] * deviations
+            if covariance_type in ("full", "tied"):
+                return _scatter_by_entries(weighted, deviations, tied=covariance_type == "tied")
+            return jnp.sum(weighted * deviations, axis=2)
 
-    # Features first, transposed once: every reduction then reads contiguous samples
-    # (transposing each block inside the reductions made them strided, and the scatter
-    # of (1e5, 8, 8) slower than the GEMM's). Behind an optimisation barrier, XLA hoists
-    # the transposed copy out of the EM loop, where a bare transpose (which its
-    # loop-invariant code motion leaves in place as not worth hoisting) was copied at
-    # every iteration: 0.5-0.7 ms of a (1e5, 8, 8) iteration's XLA operations on a
-    # 2-core CPU, once per fit now.
-    columns = optimization_barrier(x.T)
-    return _sum_sample_chunks(scatter_by_reductions, columns, responsibilities, chunk, sample_axis=1)
+        # Features first, transposed once: every reduction then reads contiguous samples
+        # (transposing each block inside the reductions made them strided, and the
+        # scatter of (1e5, 8, 8) slower than the GEMM's). Behind an optimisation
+        # barrier, XLA hoists the transposed copy out of the EM loop, where a bare
+        # transpose (which its loop-invariant code motion leaves in place as not worth
+        # hoisting) was copied at every iteration: 0.5-0.7 ms of a (1e5, 8, 8)
+        # iteration's XLA operations on a 2-core CPU, once per fit now.
+        data, sample_axis = optimization_barrier(x.T), 1
+
+    slots = _active_component_slots(n_samples, n_components, n_features, covariance_type)
+    if slots is None:
+        block_scatter = functools.partial(scatter_of_block, centred_means=centred_means, reference=reference)
+    else:
+        block_scatter = functools.partial(
+            _scatter_of_active_components,
+            scatter_of_block,
+            slots,
+            covariance_type == "tied",
+            centred_means=centred_means,
+            reference=reference,
+        )
+    return _sum_sample_chunks(block_scatter, data, responsibilities, chunk, sample_axis=sample_axis)
+
+
+def _active_component_slots(
+    n_samples: int, n_components: int, n_features: int, covariance_type: str
+) -> int | None:
+    """How many components a block of samples may have with responsibilities other than
+    zero for its scatter to be computed for those alone (see
+    _ACTIVE_COMPONENT_SLOTS); None where every block computes every component's."""
+    slots = _ACTIVE_COMPONENT_SLOTS.get(jax.default_backend())
+    if (
+        slots is None
+        or covariance_type not in ("full", "tied")
+        or _scatter_by_entries_applies(n_samples, n_components, n_features)
+        or n_samples * n_components * n_features < _ACTIVE_COMPONENTS_MIN_VALUES
+    ):
+        return None
+    slots = min(slots, n_components // 2)
+    return slots if slots >= 1 else None
+
+
+def _scatter_of_active_components(
+    scatter_of_block, slots: int, tied: bool, data: Array, weights: Array, *, centred_means: Array, reference: Array
+) -> Array:
+    """``scatter_of_block(data, weights, centred_means, reference)`` for a block of
+    samples, computed for the components whose weights in the block are not all zero
+    when there are at most ``slots`` of them.
+
+    A component whose responsibilities are all exactly zero over the block adds
+    exactly zero to its scatter, so leaving it out changes nothing; with the samples
+    grouped by where they lie (``_sample_order``), most blocks of a fit of separated
+    clusters meet a few components. Their weights and means are gathered into
+    ``slots`` slots (unused slots get weight zero) and their results added back at their
+    indices; a block with more active components computes all of them.
+    """
+    n_components = weights.shape[0]
+    active = jnp.any(weights > 0, axis=1)
+
+    def of_active(data, weights, centred_means, reference, active):
+        index = jnp.nonzero(active, size=slots, fill_value=0)[0]
+        used = jnp.arange(slots) < jnp.sum(active)
+        part = jnp.where(used[:, None], weights[index], 0)
+        result = scatter_of_block(data, part, centred_means[index], reference)
+        if tied:  # summed over the components already
+            return result
+        return jnp.zeros((n_components, *result.shape[1:]), result.dtype).at[index].add(result)
+
+    def of_all(data, weights, centred_means, reference, active):
+        return scatter_of_block(data, weights, centred_means, reference)
+
+    few = jnp.sum(active) <= slots
+    return _batch_aware_cond(few, of_active, of_all, data, weights, centred_means, reference, active)
+
+
+class _GroupedData(NamedTuple):
+    """The data and sample weights with the samples in the order of ``_sample_order``,
+    formed once per fit (the model's ``fused_prepare``)."""
+
+    x: Array
+    weights: Array
+
+
+def _sample_order(x: Array, n_groups: int) -> Array:
+    r"""A permutation of the samples that puts samples lying near each other together.
+
+    ``n_groups`` landmarks are chosen by farthest-point traversal (the first sample,
+    then each time the sample farthest from every landmark so far), each sample is
+    labelled with its nearest landmark as they are chosen, and the samples are sorted by
+    label. On separated clusters the traversal visits every cluster before it visits
+    one twice, so a block of consecutive samples meets few components and
+    ``_scatter_of_active_components`` skips the rest. ``n_groups`` passes over ``x``
+    and one sort; memory linear in ``n_samples``. Deterministic; the order changes
+    the results of a fit only by the rounding of its sums.
+    """
+
+    def add_landmark(label: int, state: tuple[Array, Array]) -> tuple[Array, Array]:
+        distance, group = state
+        landmark = x[jnp.argmax(distance)]
+        to_landmark = jnp.sum(jnp.square(x - landmark[None, :]), axis=1)
+        closer = to_landmark < distance
+        return jnp.where(closer, to_landmark, distance), jnp.where(closer, label, group)
+
+    distance = jnp.sum(jnp.square(x - x[0][None, :]), axis=1)
+    group = jnp.zeros(x.shape[0], jnp.int32)
+    _, group = jax.lax.fori_loop(1, n_groups, add_landmark, (distance, group))
+    return jnp.argsort(group, stable=True)
 
 
 def _scatter_by_entries(weighted: Array, deviations: Array, tied: bool) -> Array:
@@ -951,8 +1060,9 @@ def gaussian_mixture(
     if moments == "auto":
         auto = covariance_type == "full" and jax.default_backend() in _EXPANDED_BACKENDS
         moments = "auto" if auto else "centred"
+    group_samples = covariance_type in ("full", "tied") and jax.default_backend() in _ACTIVE_COMPONENT_SLOTS
     return _gaussian_mixture(
-        n_components, covariance_type, float(reg_covar), init, reg_covar_mode, kernel, moments
+        n_components, covariance_type, float(reg_covar), init, reg_covar_mode, kernel, moments, group_samples
     )
 
 
@@ -965,11 +1075,14 @@ def _gaussian_mixture(
     reg_covar_mode: str,
     kernel: str | None = None,
     moments: str = "centred",
+    group_samples: bool = False,
 ) -> LatentModel:
     """The model; ``kernel`` ("compiled", "interpret" or None) gives it the fused EM
     iteration of ``_gaussian_kernel`` for full covariances; ``moments`` is "centred",
     "expanded", or "auto" (expanded where ``_expanded_applies``), resolved for the
-    backend by ``gaussian_mixture``."""
+    backend by ``gaussian_mixture``; ``group_samples`` lets large centred fits reorder
+    their samples once per fit (``_sample_order``), for the scatter to skip the
+    components a block of samples does not meet."""
 
     def check_data(x: Array, params: GaussianMixtureParams | None = None) -> None:
         if x.ndim != 2:
@@ -1124,12 +1237,15 @@ def _gaussian_mixture(
 
     def route(n_samples: int, n_features: int) -> str | None:
         """Which fused iteration a fit of this size takes (static): "kernel",
-        "expanded", or None (the engine's log_joint and m_step)."""
+        "expanded", "grouped" (the engine's log_joint and m_step on the samples in
+        the order of ``_sample_order``), or None (those on the samples as given)."""
         if kernel is not None and _gaussian_kernel.supported(n_samples, n_features, n_components):
             return "kernel"
         if moments == "expanded" or (moments == "auto" and not _float32_products_requested()):
             if _expanded_applies(n_samples, n_components, n_features, always=moments == "expanded"):
                 return "expanded"
+        if group_samples and _active_component_slots(n_samples, n_components, n_features, covariance_type) is not None:
+            return "grouped"
         return None
 
     def fused_prepare(x: Array, weights: Array) -> _ExpandedData | None:
@@ -1137,7 +1253,11 @@ def _gaussian_mixture(
         # (see FusedPrepareFn; in the loop they cost 2.7 of 7.7 ms per iteration at
         # (1e6, 32, 64) on an H200).
         x = jnp.asarray(x)
-        if x.ndim != 2 or route(*x.shape) != "expanded":
+        path = route(*x.shape) if x.ndim == 2 else None
+        if path == "grouped":
+            order = _sample_order(x, n_components)
+            return _GroupedData(x[order], jnp.asarray(weights)[order])
+        if path != "expanded":
             return None
         return _expanded_data(x, jnp.asarray(weights, x.dtype))
 
@@ -1153,7 +1273,9 @@ def _gaussian_mixture(
             if prepared is None or prepared.features.dtype != dtype:  # called on its own
                 prepared = _expanded_data(x.astype(dtype), weights.astype(dtype))
             return expanded_step(params, x, weights, prepared)
-        return None  # the engine's log_joint and m_step
+        if path == "grouped" and prepared is not None:
+            return _em._unfused_iteration(centred_model, params, prepared.x, prepared.weights)
+        return None  # the engine's log_joint and m_step (on the samples as given)
 
     centred_model = LatentModel(init=initialize, log_joint=log_joint, m_step=m_step)
     return LatentModel(
@@ -1164,6 +1286,6 @@ def _gaussian_mixture(
         n_parameters=n_parameters,
         to_unconstrained=to_unconstrained,
         from_unconstrained=from_unconstrained,
-        fused_step=fused_step if kernel is not None or moments != "centred" else None,
-        fused_prepare=fused_prepare if moments != "centred" else None,
+        fused_step=fused_step if kernel is not None or moments != "centred" or group_samples else None,
+        fused_prepare=fused_prepare if moments != "centred" or group_samples else None,
     )
