@@ -762,7 +762,10 @@ def test_moments_choice_and_size_rule():
         model = lem.gaussian_mixture(2)
         x, weights = jnp.zeros((1000, 8)), jnp.ones(1000)
         assert model.fused_prepare is None or model.fused_prepare(x, weights) is None
-        assert model.fused_step is None or model.fused_step(to_params(*_two_components(8), x.dtype), x, weights) is None
+        assert (
+            model.fused_step is None
+            or model.fused_step(to_params(*_two_components(8), x.dtype), x, weights) is None
+        )
     # "auto" takes large fits only; neither takes products of features beyond the budget.
     assert not module._expanded_applies(1000, 8, 8, always=False)
     assert module._expanded_applies(1_000_000, 64, 32, always=False)
@@ -778,7 +781,11 @@ def test_moments_choice_and_size_rule():
 
 
 def _two_components(n_features):
-    return np.full(2, 0.5), np.stack([np.zeros(n_features), np.ones(n_features)]), np.stack([np.eye(n_features)] * 2)
+    return (
+        np.full(2, 0.5),
+        np.stack([np.zeros(n_features), np.ones(n_features)]),
+        np.stack([np.eye(n_features)] * 2),
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -831,14 +838,15 @@ def test_scatter_of_active_components_equals_every_components_scatter(covariance
         expected = expected.sum(axis=0)
     chunk = module._chunk_size(n_samples, n_components * n_features)
     assert chunk == 200 and n_samples % chunk != 0
-    active = [np.count_nonzero((responsibilities[i : i + chunk] > 0).any(axis=0)) for i in range(0, n_samples, chunk)]
+    active = [
+        np.count_nonzero((responsibilities[i : i + chunk] > 0).any(axis=0))
+        for i in range(0, n_samples, chunk)
+    ]
     assert min(active) == 1 and 2 in active and max(active) == n_components
     assert module._active_component_slots(n_samples, n_components, n_features, covariance_type) == 2
 
     def scatter():  # a fresh function each time: jax.jit's trace cache would reuse the first path
-        return jax.jit(
-            lambda x, r, m, c: module._scatter(x, r, m, c, covariance_type)
-        )
+        return jax.jit(lambda x, r, m, c: module._scatter(x, r, m, c, covariance_type))
 
     arguments = (
         jnp.asarray(x, dtype),
@@ -886,7 +894,10 @@ def test_grouped_fit_equals_numpy_iterations(dtype, small_blocks):
     fit = twenty_iterations_against_numpy(model, x, weights, start, reference, dtype, "grouped")
     responsibilities = np.asarray(lem.predict_proba(model, fit.params, grouped.x))
     chunk = module._chunk_size(x.shape[0], 3 * x.shape[1])
-    active = [np.count_nonzero((responsibilities[i : i + chunk] > 0).any(axis=0)) for i in range(0, x.shape[0], chunk)]
+    active = [
+        np.count_nonzero((responsibilities[i : i + chunk] > 0).any(axis=0))
+        for i in range(0, x.shape[0], chunk)
+    ]
     assert active.count(1) >= len(active) // 2, active
 
 
@@ -898,7 +909,9 @@ def test_batched_grouped_fits_equal_solo_fits(dtype, small_blocks):
     rng = np.random.default_rng(9)
     model = lem.gaussian_mixture(3, reg_covar=1e-6, reg_covar_mode="absolute")
     starts = [
-        to_params(np.full(3, 1 / 3), x[rng.choice(len(x), 3, replace=False)], np.stack([np.cov(x.T)] * 3), dtype)
+        to_params(
+            np.full(3, 1 / 3), x[rng.choice(len(x), 3, replace=False)], np.stack([np.cov(x.T)] * 3), dtype
+        )
         for _ in range(3)
     ]
     stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *starts)

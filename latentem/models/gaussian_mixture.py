@@ -537,7 +537,14 @@ def _active_component_slots(
 
 
 def _scatter_of_active_components(
-    scatter_of_block, slots: int, tied: bool, data: Array, weights: Array, *, centred_means: Array, reference: Array
+    scatter_of_block,
+    slots: int,
+    tied: bool,
+    data: Array,
+    weights: Array,
+    *,
+    centred_means: Array,
+    reference: Array,
 ) -> Array:
     """``scatter_of_block(data, weights, centred_means, reference)`` for a block of
     samples, computed for the components whose weights in the block are not all zero
@@ -1244,7 +1251,10 @@ def _gaussian_mixture(
         if moments == "expanded" or (moments == "auto" and not _float32_products_requested()):
             if _expanded_applies(n_samples, n_components, n_features, always=moments == "expanded"):
                 return "expanded"
-        if group_samples and _active_component_slots(n_samples, n_components, n_features, covariance_type) is not None:
+        if (
+            group_samples
+            and _active_component_slots(n_samples, n_components, n_features, covariance_type) is not None
+        ):
             return "grouped"
         return None
 
