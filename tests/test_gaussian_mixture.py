@@ -879,8 +879,8 @@ def test_grouped_fit_equals_numpy_iterations(dtype, small_blocks):
     that skip components: twenty iterations equal twenty float64 NumPy/SciPy iterations
     on the samples as given (uneven sample weights, some zero), and the blocks did skip."""
     module = small_blocks(block=100, slots=1)
-    # Clusters far enough apart (about 2000 nats) for exact zeros even in float64.
-    x, weights, start = expanded_case(separation=60, seed=7)
+    # Clusters far enough apart for exact zeros even in float64 (beyond 745 nats).
+    x, weights, start = expanded_case(separation=100, seed=7)
     model = lem.gaussian_mixture(3, reg_covar=1e-6, reg_covar_mode="absolute")
     xj, wj = jnp.asarray(x, dtype), jnp.asarray(weights, dtype)
     grouped = model.fused_prepare(xj, wj)
@@ -905,7 +905,7 @@ def test_batched_grouped_fits_equal_solo_fits(dtype, small_blocks):
     """Restarts under jax.vmap (one dataset, several starts): the skipping's conditional
     runs per batch, and every member equals its solo fit."""
     small_blocks(block=100, slots=1)
-    x, weights, _ = expanded_case(separation=60, seed=8)
+    x, weights, _ = expanded_case(separation=100, seed=8)
     rng = np.random.default_rng(9)
     model = lem.gaussian_mixture(3, reg_covar=1e-6, reg_covar_mode="absolute")
     starts = [
@@ -923,3 +923,12 @@ def test_batched_grouped_fits_equal_solo_fits(dtype, small_blocks):
         member = jax.tree_util.tree_map(lambda a, i=i: a[i], batched.params)
         scale = float(np.abs(solo.params.covariances).max())
         assert_trees_all_close(member, solo.params, rtol=rtol_for(dtype, 1e-10, 1e-4), atol=1e-5 * scale)
+
+
+def test_check_model_passes_the_grouped_step(dtype, small_blocks):
+    small_blocks(block=100, slots=1)
+    x, _, _ = expanded_case(separation=100, seed=3, n_samples=1000)
+    model = lem.gaussian_mixture(3, reg_covar_mode="absolute")
+    assert model.fused_prepare(jnp.asarray(x, dtype), jnp.ones(1000, dtype)) is not None
+    report = lem.check_model(model, jax.random.key(0), jnp.asarray(x, dtype), n_samples=1000)
+    assert report["fused_step"].passed is True, str(report)

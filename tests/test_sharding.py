@@ -28,9 +28,24 @@ SCRIPT = textwrap.dedent(
     x_sharded, weights_sharded = jax.device_put(x, rows), jax.device_put(weights, vector)
 
     report = {"devices": len(x_sharded.sharding.device_set)}
-    cases = {"full": ("full", "auto"), "diag": ("diag", "auto"), "full_expanded": ("full", "expanded")}
+    cases = {
+        "full": ("full", "auto"),
+        "diag": ("diag", "auto"),
+        "full_expanded": ("full", "expanded"),
+        "full_grouped": ("full", "auto"),
+    }
     for name, (covariance_type, moments) in cases.items():
+        if name == "full_grouped":
+            # Samples reordered once per fit (a CPU's large full fits), here for small
+            # data in blocks of 100 samples: three clusters far apart in ten features.
+            gm = importlib.import_module("latentem.models.gaussian_mixture")
+            gm._ACTIVE_COMPONENTS_MIN_VALUES = 0
+            gm._CHUNK_ELEMENTS = {"cpu": 100 * 3 * 10}
+            x = jnp.asarray(rng.standard_normal((800, 10)) + rng.choice([0.0, 40.0, 80.0], (800, 1)), dtype)
+            x_sharded = jax.device_put(x, rows)
         model = lem.gaussian_mixture(3, covariance_type, moments=moments)
+        if name == "full_grouped":
+            assert isinstance(model.fused_prepare(x, weights), gm._GroupedData)
         params = model.init(jax.random.key(0), x, weights)
         fit_em = jax.jit(functools.partial(lem.fit_em, model, max_iter=30, tol=0.0))
         plain = fit_em(params, x, weights=weights)
@@ -71,7 +86,7 @@ def test_sharded_fit_equals_unsharded():
     report = json.loads(output.stdout.strip().splitlines()[-1])
     assert report["devices"] == 4
     tolerance = 1e-10 if os.environ.get("JAX_ENABLE_X64") in ("1", "true", "True") else 1e-4
-    for name in ("full", "diag", "full_expanded"):
+    for name in ("full", "diag", "full_expanded", "full_grouped"):
         result = report[name]
         # Sums over samples are reduced per device, then across: the same up to rounding.
         assert result["fit_em"] < tolerance, result

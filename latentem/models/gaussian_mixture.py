@@ -126,12 +126,21 @@ _ELEMENTWISE_MAX_FEATURES = 4
 _SCATTER_BY_ENTRIES_MAX_FEATURES = {"cpu": 8}
 _SCATTER_BY_ENTRIES_MIN_VALUES = 1 << 20
 
-# On these backends, for data of at least _ACTIVE_COMPONENTS_MIN_VALUES values n k d, a
-# block of samples in which at most this many components (and at most half of them)
-# have responsibilities other than zero forms the scatter of those components alone
-# (_scatter_of_active_components). In float32 a responsibility is exactly zero from
-# about 100 nats below the sample's best component, which separated clusters reach
-# after a few iterations.
+# On these backends, full and tied fits whose scatter is a GEMM (above) and of at least
+# _ACTIVE_COMPONENTS_MIN_VALUES values n k d form the scatter of a block of samples for
+# the components whose responsibilities there are not all zero, when they are at most
+# this many and at most half of them (_scatter_of_active_components), and the model
+# orders its samples once per fit so that blocks meet few components (_sample_order).
+# A float32 responsibility is exactly zero from about 104 nats below the sample's best
+# component (745 in float64), which separated clusters reach after a few iterations.
+# On a 2-core AVX2 CPU at (1e5, 32, 16), float32, the benchmark's clusters: after 3
+# iterations 86% of the responsibilities were zero, and each of the 49 blocks of 2048
+# ordered samples met at most 4 components (in the data's own order, all 16); the
+# scatter took 11 against 34 ms, an iteration 36 against 57 ms (float64 131 against
+# 171 ms). On overlapping clusters, with no block to skip, 58 against 58 ms. At
+# (1e5, 8, 8) the blocks met 6 to 8 of 8 components even ordered, and the conditional
+# slowed the scatter by entries (4.6 against 3.0 ms): fits that form it by entries
+# keep every component.
 _ACTIVE_COMPONENT_SLOTS = {"cpu": 4}
 _ACTIVE_COMPONENTS_MIN_VALUES = 1 << 20
 
@@ -593,8 +602,10 @@ def _sample_order(x: Array, n_groups: int) -> Array:
     label. On separated clusters the traversal visits every cluster before it visits
     one twice, so a block of consecutive samples meets few components and
     ``_scatter_of_active_components`` skips the rest. ``n_groups`` passes over ``x``
-    and one sort; memory linear in ``n_samples``. Deterministic; the order changes
-    the results of a fit only by the rounding of its sums.
+    and one sort, memory linear in ``n_samples``: on a 2-core CPU 36 ms at (1e5, 32)
+    with 16 groups, 1.0 s at (1e6, 32) with 64 (about 0.6 and 0.25 of an EM iteration).
+    Deterministic; the order changes the results of a fit only by the rounding of its
+    sums.
     """
 
     def add_landmark(label: int, state: tuple[Array, Array]) -> tuple[Array, Array]:
@@ -1014,6 +1025,12 @@ def gaussian_mixture(
     and EM can stop near that symmetric saddle point, as scikit-learn's does, so use it
     with restarts. The factory is memoised: the same arguments return the same model,
     so compiled fits are reused.
+
+    On a CPU, a large full or tied fit (at least 2^20 values n k d, more than eight
+    features) orders its samples once per fit by nearest landmark, so that each block
+    of samples forms the scatter of the few components it meets (on separated
+    clusters, most responsibilities are exactly zero after a few iterations). The
+    result differs from a fit in the data's own order only by the rounding of its sums.
 
     Args:
       n_components: number of components :math:`K`.
