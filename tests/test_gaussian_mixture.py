@@ -766,6 +766,15 @@ def test_moments_choice_and_size_rule():
             model.fused_step is None
             or model.fused_step(to_params(*_two_components(8), x.dtype), x, weights) is None
         )
+    # Large full and tied float32 fits on a CPU skip components block by block; float64
+    # fits, small fits and fits whose scatter is formed by entries do not.
+    if jax.default_backend() == "cpu":
+        assert module._active_component_slots(100_000, 16, 32, "full", np.float32) == 4
+        assert module._active_component_slots(100_000, 16, 32, "tied", np.float32) == 4
+        assert module._active_component_slots(100_000, 16, 32, "full", np.float64) is None
+        assert module._active_component_slots(100_000, 16, 32, "diag", np.float32) is None
+        assert module._active_component_slots(1000, 16, 32, "full", np.float32) is None
+        assert module._active_component_slots(100_000, 8, 8, "full", np.float32) is None
     # "auto" takes large fits only; neither takes products of features beyond the budget.
     assert not module._expanded_applies(1000, 8, 8, always=False)
     assert module._expanded_applies(1_000_000, 64, 32, always=False)
@@ -804,6 +813,7 @@ def small_blocks(monkeypatch):
     def configure(block, slots, n_components=3, n_features=6):
         monkeypatch.setattr(module, "_ACTIVE_COMPONENT_SLOTS", {backend: slots})
         monkeypatch.setattr(module, "_ACTIVE_COMPONENTS_MIN_VALUES", 0)
+        monkeypatch.setattr(module, "_ACTIVE_COMPONENTS_MAX_BITS", 64)  # float64 runs too
         monkeypatch.setattr(module, "_CHUNK_ELEMENTS", {backend: block * n_components * n_features})
         return module
 
@@ -843,7 +853,7 @@ def test_scatter_of_active_components_equals_every_components_scatter(covariance
         for i in range(0, n_samples, chunk)
     ]
     assert min(active) == 1 and 2 in active and max(active) == n_components
-    assert module._active_component_slots(n_samples, n_components, n_features, covariance_type) == 2
+    assert module._active_component_slots(n_samples, n_components, n_features, covariance_type, dtype) == 2
 
     def scatter():  # a fresh function each time: jax.jit's trace cache would reuse the first path
         return jax.jit(lambda x, r, m, c: module._scatter(x, r, m, c, covariance_type))
@@ -858,7 +868,7 @@ def test_scatter_of_active_components_equals_every_components_scatter(covariance
     rtol = rtol_for(dtype, 1e-10, 1e-5)
     np.testing.assert_allclose(skipping, expected, rtol=rtol, atol=rtol * np.abs(expected).max())
     small_blocks(block=200, slots=0, n_components=n_components, n_features=n_features)
-    assert module._active_component_slots(n_samples, n_components, n_features, covariance_type) is None
+    assert module._active_component_slots(n_samples, n_components, n_features, covariance_type, dtype) is None
     np.testing.assert_allclose(scatter()(*arguments), skipping, rtol=rtol, atol=rtol * np.abs(expected).max())
 
 

@@ -40,6 +40,7 @@ SCRIPT = textwrap.dedent(
             # data in blocks of 100 samples: three clusters far apart in ten features.
             gm = importlib.import_module("latentem.models.gaussian_mixture")
             gm._ACTIVE_COMPONENTS_MIN_VALUES = 0
+            gm._ACTIVE_COMPONENTS_MAX_BITS = 64
             gm._CHUNK_ELEMENTS = {"cpu": 100 * 3 * 10}
             x = jnp.asarray(rng.standard_normal((800, 10)) + rng.choice([0.0, 40.0, 80.0], (800, 1)), dtype)
             x_sharded = jax.device_put(x, rows)

@@ -136,13 +136,18 @@ _SCATTER_BY_ENTRIES_MIN_VALUES = 1 << 20
 # On a 2-core AVX2 CPU at (1e5, 32, 16), float32, the benchmark's clusters: after 3
 # iterations 86% of the responsibilities were zero, and each of the 49 blocks of 2048
 # ordered samples met at most 4 components (in the data's own order, all 16); the
-# scatter took 11 against 34 ms, an iteration 36 against 57 ms (float64 131 against
-# 171 ms). On overlapping clusters, with no block to skip, 58 against 58 ms. At
-# (1e5, 8, 8) the blocks met 6 to 8 of 8 components even ordered, and the conditional
-# slowed the scatter by entries (4.6 against 3.0 ms): fits that form it by entries
-# keep every component.
+# scatter took 11 against 34 ms, an iteration 36 against 57 ms. On overlapping
+# clusters, with no block to skip, 58 against 58 ms. At (1e5, 8, 8) the blocks met 6
+# to 8 of 8 components even ordered, and the conditional slowed the scatter by entries
+# (4.6 against 3.0 ms): fits that form it by entries keep every component.
 _ACTIVE_COMPONENT_SLOTS = {"cpu": 4}
 _ACTIVE_COMPONENTS_MIN_VALUES = 1 << 20
+# Float64 fits keep every component: their responsibilities are exactly zero only 745
+# nats down, and on the benchmark's clusters 11% were (86% in float32), every block
+# met all 16 components, and the fits ran no faster (in-run (1e5, 32, 16) float64
+# figures of 171 to 203 ms against 136 to 150 ms the session before, too noisy to
+# pin on the ordering or the conditional).
+_ACTIVE_COMPONENTS_MAX_BITS = 32
 
 # From this many features the full-covariance E-step subtracts the projected means
 # inside its GEMM (see _log_gaussian_density_by_state). On a 2-core AVX2 CPU the log
@@ -512,7 +517,7 @@ def _scatter(x: Array, responsibilities: Array, centred_means: Array, reference:
         # iteration's XLA operations on a 2-core CPU, once per fit now.
         data, sample_axis = optimization_barrier(x.T), 1
 
-    slots = _active_component_slots(n_samples, n_components, n_features, covariance_type)
+    slots = _active_component_slots(n_samples, n_components, n_features, covariance_type, x.dtype)
     if slots is None:
         block_scatter = functools.partial(scatter_of_block, centred_means=centred_means, reference=reference)
     else:
@@ -528,7 +533,7 @@ def _scatter(x: Array, responsibilities: Array, centred_means: Array, reference:
 
 
 def _active_component_slots(
-    n_samples: int, n_components: int, n_features: int, covariance_type: str
+    n_samples: int, n_components: int, n_features: int, covariance_type: str, dtype
 ) -> int | None:
     """How many components a block of samples may have with responsibilities other than
     zero for its scatter to be computed for those alone (see
@@ -536,6 +541,7 @@ def _active_component_slots(
     slots = _ACTIVE_COMPONENT_SLOTS.get(jax.default_backend())
     if (
         slots is None
+        or jnp.finfo(dtype).bits > _ACTIVE_COMPONENTS_MAX_BITS
         or covariance_type not in ("full", "tied")
         or _scatter_by_entries_applies(n_samples, n_components, n_features)
         or n_samples * n_components * n_features < _ACTIVE_COMPONENTS_MIN_VALUES
@@ -1026,8 +1032,8 @@ def gaussian_mixture(
     with restarts. The factory is memoised: the same arguments return the same model,
     so compiled fits are reused.
 
-    On a CPU, a large full or tied fit (at least 2^20 values n k d, more than eight
-    features) orders its samples once per fit by nearest landmark, so that each block
+    On a CPU, a large float32 full or tied fit (at least 2^20 values n k d, more than
+    eight features) orders its samples once per fit by nearest landmark, so that each block
     of samples forms the scatter of the few components it meets (on separated
     clusters, most responsibilities are exactly zero after a few iterations). The
     result differs from a fit in the data's own order only by the rounding of its sums.
@@ -1259,7 +1265,7 @@ def _gaussian_mixture(
         accurate = _expanded_rounding(params, data.reference, factor) <= _EXPANDED_MAX_ROUNDING
         return _batch_aware_cond(accurate, expanded, centred, params, x, weights, data, factor)
 
-    def route(n_samples: int, n_features: int) -> str | None:
+    def route(n_samples: int, n_features: int, dtype) -> str | None:
         """Which fused iteration a fit of this size takes (static): "kernel",
         "expanded", "grouped" (the engine's log_joint and m_step on the samples in
         the order of ``_sample_order``), or None (those on the samples as given)."""
@@ -1270,7 +1276,8 @@ def _gaussian_mixture(
                 return "expanded"
         if (
             group_samples
-            and _active_component_slots(n_samples, n_components, n_features, covariance_type) is not None
+            and _active_component_slots(n_samples, n_components, n_features, covariance_type, dtype)
+            is not None
         ):
             return "grouped"
         return None
@@ -1280,7 +1287,7 @@ def _gaussian_mixture(
         # (see FusedPrepareFn; in the loop they cost 2.7 of 7.7 ms per iteration at
         # (1e6, 32, 64) on an H200).
         x = jnp.asarray(x)
-        path = route(*x.shape) if x.ndim == 2 else None
+        path = route(*x.shape, x.dtype) if x.ndim == 2 else None
         if path == "grouped":
             order = _sample_order(x, n_components)
             return _GroupedData(x[order], jnp.asarray(weights)[order])
@@ -1292,7 +1299,7 @@ def _gaussian_mixture(
         x = jnp.asarray(x)
         check_data(x, params)
         n_samples, n_features = x.shape
-        path = route(n_samples, n_features)
+        path = route(n_samples, n_features, params.means.dtype)
         if path == "kernel":
             return kernel_step(params, x, weights)
         if path == "expanded":
