@@ -142,11 +142,11 @@ _SCATTER_BY_ENTRIES_MIN_VALUES = 1 << 20
 # (4.6 against 3.0 ms): fits that form it by entries keep every component.
 _ACTIVE_COMPONENT_SLOTS = {"cpu": 4}
 _ACTIVE_COMPONENTS_MIN_VALUES = 1 << 20
-# Float64 fits keep every component: their responsibilities are exactly zero only 745
-# nats down, and on the benchmark's clusters 11% were (86% in float32), every block
-# met all 16 components, and the fits ran no faster (in-run (1e5, 32, 16) float64
-# figures of 171 to 203 ms against 136 to 150 ms the session before, too noisy to
-# pin on the ordering or the conditional).
+# Float64 fits keep every component and their order: their responsibilities are
+# exactly zero only 745 nats down, and on the benchmark's clusters 11% were (86% in
+# float32) and every block met all 16 components, so the ordering would cost its pass
+# and its copy for nothing. (Their (1e5, 32, 16) iterations moved from 171-203 ms with
+# the ordering to 216 ms without it in the benchmark runs of one session: the machine.)
 _ACTIVE_COMPONENTS_MAX_BITS = 32
 
 # From this many features the full-covariance E-step subtracts the projected means
