@@ -33,6 +33,7 @@ SCRIPT = textwrap.dedent(
         "diag": ("diag", "auto"),
         "full_expanded": ("full", "expanded"),
         "full_grouped": ("full", "auto"),
+        "full_block_centred": ("full", "auto"),
     }
     for name, (covariance_type, moments) in cases.items():
         if name == "full_grouped":
@@ -44,9 +45,19 @@ SCRIPT = textwrap.dedent(
             gm._CHUNK_ELEMENTS = {"cpu": 100 * 3 * 10}
             x = jnp.asarray(rng.standard_normal((800, 10)) + rng.choice([0.0, 40.0, 80.0], (800, 1)), dtype)
             x_sharded = jax.device_put(x, rows)
+        if name == "full_block_centred":
+            # Moments about the centres of blocks of grouped samples (a CPU's large
+            # fits of five to eight features), here for small data in blocks of 32.
+            gm._BLOCK_CENTRED_SAMPLES = {"cpu": 32}
+            gm._BLOCK_CENTRED_MAX_PADDING = 1
+            gm._SCATTER_BY_ENTRIES_MIN_VALUES = 0
+            x = jnp.asarray(rng.standard_normal((800, 6)) + rng.choice([0.0, 40.0, 80.0], (800, 1)), dtype)
+            x_sharded = jax.device_put(x, rows)
         model = lem.gaussian_mixture(3, covariance_type, moments=moments)
         if name == "full_grouped":
             assert isinstance(model.fused_prepare(x, weights), gm._GroupedData)
+        if name == "full_block_centred":
+            assert isinstance(model.fused_prepare(x, weights), gm._BlockCentredData)
         params = model.init(jax.random.key(0), x, weights)
         fit_em = jax.jit(functools.partial(lem.fit_em, model, max_iter=30, tol=0.0))
         plain = fit_em(params, x, weights=weights)
@@ -87,7 +98,7 @@ def test_sharded_fit_equals_unsharded():
     report = json.loads(output.stdout.strip().splitlines()[-1])
     assert report["devices"] == 4
     tolerance = 1e-10 if os.environ.get("JAX_ENABLE_X64") in ("1", "true", "True") else 1e-4
-    for name in ("full", "diag", "full_expanded", "full_grouped"):
+    for name in ("full", "diag", "full_expanded", "full_grouped", "full_block_centred"):
         result = report[name]
         # Sums over samples are reduced per device, then across: the same up to rounding.
         assert result["fit_em"] < tolerance, result

@@ -149,6 +149,33 @@ _ACTIVE_COMPONENTS_MIN_VALUES = 1 << 20
 # the ordering to 216 ms without it in the benchmark runs of one session: the machine.)
 _ACTIVE_COMPONENTS_MAX_BITS = 32
 
+# On these backends, full and tied fits whose scatter would be formed by entries (five
+# to eight features on a CPU, at least _SCATTER_BY_ENTRIES_MIN_VALUES values n k d)
+# form the M-step's moments about the centres of blocks of this many samples
+# (_block_centred_moments): the samples are grouped by landmark once per fit, each
+# group padded to whole blocks with rows of weight zero, and the products of each
+# sample's deviations from its block's centre formed once per fit, so that an
+# iteration's moments are one GEMM over those and one fused reduction per block. On a
+# 2-core AVX2 CPU, float32, an iteration of (1e5, 8, 8) took 3.5-3.7 against 4.7-4.9 ms
+# by entries, (1e5, 8, 16) 7.6 against 9.7, (1e5, 6, 8) 2.6 against 3.3, (1e5, 5, 8)
+# 2.3 against 2.8, (1e5, 8, 32) 16.1 against 20.5, (5e4, 8, 8) 1.7 against 2.5; on
+# clusters of random anisotropic shapes (1e5, 8, 8) 3.6 against 4.7; in float64
+# (1e5, 8, 8) 11.5 against 12.4. The grouping and products cost 17 ms once per fit at
+# (1e5, 8) and 0.2 s at (1e6, 8), what about 15 iterations save. With four features or
+# fewer (the E-step's fused multiply-sums) it was mixed, (1e5, 4, 8) 5.2 against 5.6
+# ms, (1e5, 2, 16) 5.2 against 4.6: those keep the scatter by entries. Blocks of 128
+# to 1024 samples timed alike. The block is halved (down to _BLOCK_CENTRED_MIN_SAMPLES)
+# until the padding, at most block - 1 rows per group, is at most
+# 1/_BLOCK_CENTRED_MAX_PADDING of the samples; where it cannot be, the fit forms its
+# scatter by entries.
+_BLOCK_CENTRED_SAMPLES = {"cpu": 512}
+_BLOCK_CENTRED_MIN_SAMPLES = 64
+_BLOCK_CENTRED_MAX_PADDING = 32
+# An iteration whose moments about block centres would cancel to more than this many
+# times the rounding of the centred form's (see _block_centred_moments) forms the
+# scatter from deviations about the new means instead.
+_BLOCK_CENTRED_MAX_CANCELLATION = 16.0
+
 # From this many features the full-covariance E-step subtracts the projected means
 # inside its GEMM (see _log_gaussian_density_by_state). On a 2-core AVX2 CPU the log
 # densities of (1e5, 32, 16) took 58 against 89 ms, (1e5, 16, 8) 8.6-9.4 against 11.9
@@ -600,18 +627,27 @@ class _GroupedData(NamedTuple):
 
 
 def _sample_order(x: Array, n_groups: int) -> Array:
-    r"""A permutation of the samples that puts samples lying near each other together.
+    r"""A permutation of the samples that puts samples lying near each other together:
+    sorted by ``_landmark_groups``, stably.
 
-    ``n_groups`` landmarks are chosen by farthest-point traversal (the first sample,
-    then each time the sample farthest from every landmark so far), each sample is
-    labelled with its nearest landmark as they are chosen, and the samples are sorted by
-    label. On separated clusters the traversal visits every cluster before it visits
-    one twice, so a block of consecutive samples meets few components and
+    On separated clusters a block of consecutive samples then meets few components and
     ``_scatter_of_active_components`` skips the rest. ``n_groups`` passes over ``x``
     and one sort, memory linear in ``n_samples``: on a 2-core CPU 36 ms at (1e5, 32)
     with 16 groups, 1.0 s at (1e6, 32) with 64 (about 0.6 and 0.25 of an EM iteration).
     Deterministic; the order changes the results of a fit only by the rounding of its
     sums.
+    """
+    return jnp.argsort(_landmark_groups(x, n_groups), stable=True)
+
+
+def _landmark_groups(x: Array, n_groups: int) -> Array:
+    r"""Each sample's group, ``(n,)`` integers below ``n_groups``: its nearest landmark.
+
+    ``n_groups`` landmarks are chosen by farthest-point traversal (the first sample,
+    then each time the sample farthest from every landmark so far), and each sample is
+    labelled with its nearest landmark as they are chosen. On separated clusters the
+    traversal visits every cluster before it visits one twice, so with at least as many
+    groups as clusters no group spans two clusters.
     """
 
     def add_landmark(label: int, state: tuple[Array, Array]) -> tuple[Array, Array]:
@@ -624,21 +660,23 @@ def _sample_order(x: Array, n_groups: int) -> Array:
     distance = jnp.sum(jnp.square(x - x[0][None, :]), axis=1)
     group = jnp.zeros(x.shape[0], jnp.int32)
     _, group = jax.lax.fori_loop(1, n_groups, add_landmark, (distance, group))
-    return jnp.argsort(group, stable=True)
+    return group
 
 
 def _scatter_by_entries(weighted: Array, deviations: Array, tied: bool) -> Array:
     """``einsum("kic,kjc->kij")`` (summed over ``k`` too when ``tied``) for a few
-    features: one fused reduction per entry of the lower triangle, mirrored. Faster on a
+    features, or ``einsum("k...ic,k...jc->kij")`` for operands with axes of samples
+    between (blocks of them): one fused reduction per entry of the lower triangle,
+    mirrored. Faster on a
     CPU than a GEMM with a tiny output or one reduction over a 4-D broadcast (which
     XLA re-reads for every output entry). With the fused E-step, an iteration of 1000
     vmapped (500, 2, 3) fits went from 11.4 to 6.7 ms on a 2-core CPU."""
-    n_features = weighted.shape[1]
-    axes = (0, -1) if tied else -1
+    n_features = weighted.shape[-2]
+    axes = tuple(range(0 if tied else 1, weighted.ndim - 1))  # all but k (and the feature)
     entries = {}
     for i in range(n_features):
         for j in range(i + 1):
-            entries[i, j] = entries[j, i] = jnp.sum(weighted[:, i, :] * deviations[:, j, :], axis=axes)
+            entries[i, j] = entries[j, i] = jnp.sum(weighted[..., i, :] * deviations[..., j, :], axis=axes)
     rows = [jnp.stack([entries[i, j] for j in range(n_features)], axis=-1) for i in range(n_features)]
     return jnp.stack(rows, axis=-2)
 
@@ -781,11 +819,17 @@ def _m_step_from_moments(
 
 def _product_features(centred: Array) -> Array:
     r"""Products of features :math:`\phi(y) = (y_i y_j \text{ for } i \le j,\ y,\ 1)`
-    of each row, shape ``(n, (d + 1)(d + 2) / 2)``; the products in the row-major
-    order of ``np.triu_indices(d)``."""
+    of each row, shape ``(n, (d + 1)(d + 2) / 2)``; the products as in
+    ``_products_of_pairs``."""
+    ones = jnp.ones((centred.shape[0], 1), centred.dtype)
+    return jnp.concatenate([_products_of_pairs(centred), centred, ones], axis=1)
+
+
+def _products_of_pairs(centred: Array) -> Array:
+    """``y_i y_j`` for ``i <= j`` of each row ``y``, shape ``(n, d (d + 1) / 2)``, in the
+    row-major order of ``np.triu_indices(d)``."""
     n_features = centred.shape[1]
-    products = [centred[:, i:] * centred[:, i : i + 1] for i in range(n_features)]
-    return jnp.concatenate([*products, centred, jnp.ones((centred.shape[0], 1), centred.dtype)], axis=1)
+    return jnp.concatenate([centred[:, i:] * centred[:, i : i + 1] for i in range(n_features)], axis=1)
 
 
 class _ExpandedData(NamedTuple):
@@ -930,6 +974,187 @@ def _expanded_moments(
     )
 
 
+# ---------------------------------------------------------------------------
+# Moments about block centres
+# ---------------------------------------------------------------------------
+
+
+def _block_centred_samples(
+    n_samples: int, n_components: int, n_features: int, covariance_type: str
+) -> int | None:
+    """Samples per block of a fit whose moments are formed about block centres (see
+    _BLOCK_CENTRED_SAMPLES), or None where the fit forms them otherwise."""
+    block = _BLOCK_CENTRED_SAMPLES.get(jax.default_backend())
+    if (
+        block is None
+        or covariance_type not in ("full", "tied")
+        or n_features <= _ELEMENTWISE_MAX_FEATURES
+        or not _scatter_by_entries_applies(n_samples, n_components, n_features)
+        or n_samples * n_features * (n_features + 1) // 2 > _EXPANDED_MAX_FEATURE_VALUES
+    ):
+        return None
+
+    def few_padding_rows(block: int) -> bool:  # at most block - 1 of them per group
+        return block * n_components * _BLOCK_CENTRED_MAX_PADDING <= n_samples
+
+    while block > _BLOCK_CENTRED_MIN_SAMPLES and not few_padding_rows(block):
+        block //= 2
+    return block if few_padding_rows(block) else None
+
+
+class _BlockCentredData(NamedTuple):
+    r"""What the moments about block centres need of the data, formed once per fit (the
+    model's ``fused_prepare``, ``_block_centred_data``), for ``B`` blocks of ``c``
+    samples:
+
+    Attributes:
+      x: ``(B c, d)``, the samples grouped by ``_landmark_groups``, each group padded
+        with copies of the reference to whole blocks (the E-step reads these).
+      weights: ``(B c,)``, the sample weights, zero on padding rows.
+      reference: ``(d,)``, the data's weighted mean :math:`c`.
+      centres: ``(B, d)``, each block's weighted mean less :math:`c` (zero for a block
+        of weight zero).
+      products: ``(B c, d (d + 1) / 2)``, the products :math:`y_i y_j`, :math:`i \le j`
+        (row-major order of ``np.triu_indices(d)``), of each sample's deviation from its
+        block's centre, :math:`y_n = x_n - c - c_{b(n)}` (zero where the weight is zero).
+      deviations: ``(B, d, c)``, the deviations :math:`y_n`, features first in a block.
+    """
+
+    x: Array
+    weights: Array
+    reference: Array
+    centres: Array
+    products: Array
+    deviations: Array
+
+
+def _block_centred_data(x: Array, weights: Array, n_groups: int, block: int) -> _BlockCentredData:
+    """``_BlockCentredData`` of ``x`` (``(n, d)``) and ``weights`` (``(n,)``), in blocks of
+    ``block`` samples of one group of ``_landmark_groups(x, n_groups)`` each."""
+    n_samples, n_features = x.shape
+    group = _landmark_groups(x, n_groups)
+    # Each sample's rank within its group, in the data's order, from running counts
+    # (a stable sort by group took 16 of 30 ms at (1e5, 8) on a 2-core CPU; these, 5).
+    in_group = group[:, None] == jnp.arange(n_groups, dtype=group.dtype)[None, :]
+    running = jnp.cumsum(in_group.astype(jnp.int32), axis=0)
+    rank = jnp.take_along_axis(running, group[:, None], axis=1)[:, 0] - 1
+    sizes = running[-1]
+    padded_sizes = (sizes + block - 1) // block * block
+    row = (jnp.cumsum(padded_sizes) - padded_sizes)[group] + rank
+    # Static: at most block - 1 padding rows per group.
+    n_blocks = (n_samples + n_groups * (block - 1)) // block
+    reference = (weights @ x) / jnp.sum(weights)
+    grouped_x = jnp.broadcast_to(reference, (n_blocks * block, n_features))
+    grouped_x = grouped_x.at[row].set(x, unique_indices=True)
+    grouped_weights = jnp.zeros(n_blocks * block, weights.dtype).at[row].set(weights, unique_indices=True)
+    centred = (grouped_x - reference[None, :]).reshape(n_blocks, block, n_features)
+    block_weights = grouped_weights.reshape(n_blocks, block)
+    mass = jnp.sum(block_weights, axis=1)
+    highest = jax.lax.Precision.HIGHEST
+    centres = jnp.einsum("bc,bcd->bd", block_weights, centred, precision=highest)
+    centres = centres / jnp.where(mass > 0, mass, 1)[:, None]
+    deviations = jnp.where(block_weights[:, :, None] > 0, centred - centres[:, None, :], 0)
+    return _BlockCentredData(
+        x=grouped_x,
+        weights=grouped_weights,
+        reference=reference,
+        centres=centres,
+        products=_products_of_pairs(deviations.reshape(-1, n_features)),
+        deviations=jnp.swapaxes(deviations, 1, 2),
+    )
+
+
+def _block_centred_moments(
+    data: _BlockCentredData, weighted: Array, log_likelihood: Array, tied: bool
+) -> _gaussian_kernel.Moments:
+    r"""The M-step's moments from weighted responsibilities ``weighted`` (states first,
+    ``(k, B c)``, on the samples of ``data``), about the centres of the blocks.
+
+    With :math:`y_n` a sample's deviation from its block's centre :math:`c_b` (both
+    relative to the reference :math:`c`), :math:`N_{bk}` and :math:`s_{bk}` the sums of
+    :math:`r_{nk}` and :math:`r_{nk} y_n` over block :math:`b`, and
+    :math:`\delta_{bk} = c_b - m_k` for the new mean :math:`m_k = \mu_k - c`:
+
+    .. math:: S_k = \sum_n r_{nk} (y_n + \delta_{b(n)k})(y_n + \delta_{b(n)k})^\top
+              = \underbrace{\sum_n r_{nk} y_n y_n^\top}_{Q_k}
+              + \sum_b \big(s_{bk} \delta_{bk}^\top + \delta_{bk} s_{bk}^\top\big)
+              + \underbrace{\sum_b N_{bk} \delta_{bk} \delta_{bk}^\top}_{D_k}.
+
+    :math:`Q_k` is ``(w r)'`` times the products of deviations formed once per fit (one
+    GEMM), the rest comes from one reduction per block. Its terms are of size
+    :math:`Q_k + D_k` and cancel to :math:`S_k`, so relative to the largest entry of
+    :math:`S_k` the rounding is about
+    :math:`\rho_k = \max_{ij} |Q_k + D_k|_{ij} / \max_{ij} |S_k|_{ij}` times that of
+    the scatter from deviations about the new means (the centred form, for which
+    :math:`\rho_k = 1`): large where a block's centre lies far from the samples of a
+    component in units of that component's spread, as in a block shared by two
+    clusters far apart. Blocks hold one landmark group each: where the groups
+    separate the clusters, :math:`\rho_k` is close to 1. Where some :math:`\rho_k`
+    exceeds ``_BLOCK_CENTRED_MAX_CANCELLATION``, the scatter is formed from those
+    deviations instead, entry by entry over the blocks (a batch-aware conditional),
+    from the same responsibilities and means.
+    """
+    n_components = weighted.shape[0]
+    n_blocks, n_features, block = data.deviations.shape
+    rows, cols = np.triu_indices(n_features)
+    n_products = rows.shape[0]
+    highest = jax.lax.Precision.HIGHEST
+    products = jnp.matmul(weighted, data.products, precision=highest)  # (k, d (d + 1) / 2)
+    by_block = weighted.reshape(n_components, n_blocks, 1, block)
+    block_counts = jnp.sum(by_block[:, :, 0, :], axis=-1)  # (k, B)
+    # A broadcast product reduced over the block's samples: XLA fuses it into one pass,
+    # where a batched dot_general over blocks ran at a third of the speed on a CPU.
+    block_sums = jnp.sum(by_block * data.deviations[None], axis=-1)  # (k, B, d)
+    # Behind a barrier: XLA otherwise merges the sum over blocks below into a second
+    # reduction of the broadcast product, which it then writes out in full for the two
+    # (k, B, d, c: 26 MB at (1e5, 8, 8)).
+    block_counts, block_sums = optimization_barrier((block_counts, block_sums))
+    # Counts and sums from the blocks' reductions rather than from columns of the GEMM:
+    # their rounding was 3 to 4 times smaller (weights and means at (1e5, 8, 8)).
+    counts = jnp.sum(block_counts, axis=1)
+    total = jnp.sum(counts)
+    occupied = counts > jnp.finfo(counts.dtype).eps * total
+    safe_counts = jnp.where(occupied, counts, 1)
+    sums = jnp.sum(block_sums, axis=1) + jnp.matmul(block_counts, data.centres, precision=highest)
+    centred_means = sums / safe_counts[:, None]
+    offsets = data.centres[None, :, :] - centred_means[:, None, :]  # (k, B, d)
+    index = np.zeros((n_features, n_features), dtype=int)
+    index[rows, cols] = index[cols, rows] = np.arange(n_products)
+    spread = products[:, index]  # Q_k
+    between = jnp.einsum("kb,kbi,kbj->kij", block_counts, offsets, offsets, precision=highest)  # D_k
+    cross = jnp.einsum("kbi,kbj->kij", block_sums, offsets, precision=highest)
+    scatter = spread + cross + jnp.swapaxes(cross, 1, 2) + between
+
+    scale = jnp.max(jnp.abs(scatter), axis=(1, 2))
+    cancellation = jnp.max(jnp.abs(spread + between), axis=(1, 2)) / jnp.where(scale > 0, scale, 1)
+    # NaN, a scatter of no spread or too much cancellation: from the deviations.
+    acceptable = (scale > 0) & (cancellation <= _BLOCK_CENTRED_MAX_CANCELLATION)
+    accurate = jnp.all(acceptable | ~occupied)
+
+    def from_products(scatter, weighted, offsets, deviations):
+        return scatter
+
+    def from_deviations(scatter, weighted, offsets, deviations):
+        deviations = deviations[None] + offsets[:, :, :, None]  # (k, B, d, c)
+        weighted = weighted.reshape(n_components, n_blocks, 1, block)
+        return _scatter_by_entries(weighted * deviations, deviations, tied=False)
+
+    scatter = _batch_aware_cond(
+        accurate, from_products, from_deviations, scatter, weighted, offsets, data.deviations
+    )
+    # As in _gaussian_m_step: sum_n w_n (x_nj - c_j)^2 = sum_k (S_k,jj + N_k m_kj^2).
+    diagonal = jnp.diagonal(scatter, axis1=1, axis2=2)
+    second_moments = (jnp.sum(diagonal, axis=0) + counts @ jnp.square(centred_means)) / total
+    return _gaussian_kernel.Moments(
+        log_likelihood=log_likelihood,
+        total=total,
+        counts=counts,
+        centred_means=centred_means,
+        scatter=jnp.sum(scatter, axis=0) if tied else scatter,
+        second_moments=second_moments,
+    )
+
+
 def _batch_aware_cond(predicate: Array, true_fun, false_fun, *operands):
     """``jax.lax.cond(predicate, true_fun, false_fun, *operands)``, which under
     ``jax.vmap`` runs one branch for the whole batch when every member takes it.
@@ -1032,11 +1257,14 @@ def gaussian_mixture(
     with restarts. The factory is memoised: the same arguments return the same model,
     so compiled fits are reused.
 
-    On a CPU, a large float32 full or tied fit (at least 2^20 values n k d, more than
-    eight features) orders its samples once per fit by nearest landmark, so that each block
-    of samples forms the scatter of the few components it meets (on separated
-    clusters, most responsibilities are exactly zero after a few iterations). The
-    result differs from a fit in the data's own order only by the rounding of its sums.
+    On a CPU, large full and tied fits (at least 2^20 values n k d) group their samples
+    once per fit by nearest landmark. With more than eight features (float32), each
+    block of samples forms the scatter of the few components it meets (on separated
+    clusters, most responsibilities are exactly zero after a few iterations); with five
+    to eight, the moments are formed about the centres of blocks of one group each,
+    from products of deviations formed once per fit (one matrix product per iteration).
+    The result differs from a fit in the data's own order only by rounding, of the same
+    size as the centred form's.
 
     Args:
       n_components: number of components :math:`K`.
@@ -1090,7 +1318,9 @@ def gaussian_mixture(
     if moments == "auto":
         auto = covariance_type == "full" and jax.default_backend() in _EXPANDED_BACKENDS
         moments = "auto" if auto else "centred"
-    group_samples = covariance_type in ("full", "tied") and jax.default_backend() in _ACTIVE_COMPONENT_SLOTS
+    group_samples = covariance_type in ("full", "tied") and (
+        jax.default_backend() in _ACTIVE_COMPONENT_SLOTS or jax.default_backend() in _BLOCK_CENTRED_SAMPLES
+    )
     return _gaussian_mixture(
         n_components, covariance_type, float(reg_covar), init, reg_covar_mode, kernel, moments, group_samples
     )
@@ -1265,15 +1495,31 @@ def _gaussian_mixture(
         accurate = _expanded_rounding(params, data.reference, factor) <= _EXPANDED_MAX_ROUNDING
         return _batch_aware_cond(accurate, expanded, centred, params, x, weights, data, factor)
 
+    def block_centred_step(params: GaussianMixtureParams, data: _BlockCentredData):
+        responsibilities, log_likelihood = _em._responsibilities_by_state(
+            centred_model, params, data.x, materialise=True
+        )
+        weighted = _em._weighted_posterior(responsibilities, data.weights, sample_axis=1)
+        log_likelihood = _em._weighted_log_likelihood(log_likelihood, data.weights)
+        moments = _block_centred_moments(data, weighted, log_likelihood, tied=covariance_type == "tied")
+        return moments_step(moments, data.reference, params)
+
+    def block_centred_data(x: Array, weights: Array) -> _BlockCentredData:
+        block = _block_centred_samples(x.shape[0], n_components, x.shape[1], covariance_type)
+        return _block_centred_data(x, weights.astype(x.dtype), n_components, block)
+
     def route(n_samples: int, n_features: int, dtype) -> str | None:
         """Which fused iteration a fit of this size takes (static): "kernel",
-        "expanded", "grouped" (the engine's log_joint and m_step on the samples in
-        the order of ``_sample_order``), or None (those on the samples as given)."""
+        "expanded", "block_centred" (``_block_centred_moments``), "grouped" (the
+        engine's log_joint and m_step on the samples in the order of
+        ``_sample_order``), or None (those on the samples as given)."""
         if kernel is not None and _gaussian_kernel.supported(n_samples, n_features, n_components):
             return "kernel"
         if moments == "expanded" or (moments == "auto" and not _float32_products_requested()):
             if _expanded_applies(n_samples, n_components, n_features, always=moments == "expanded"):
                 return "expanded"
+        if group_samples and _block_centred_samples(n_samples, n_components, n_features, covariance_type):
+            return "block_centred"
         if (
             group_samples
             and _active_component_slots(n_samples, n_components, n_features, covariance_type, dtype)
@@ -1282,12 +1528,14 @@ def _gaussian_mixture(
             return "grouped"
         return None
 
-    def fused_prepare(x: Array, weights: Array) -> _ExpandedData | _GroupedData | None:
+    def fused_prepare(x: Array, weights: Array) -> _ExpandedData | _BlockCentredData | _GroupedData | None:
         # What depends on the data alone, formed here once per fit (see
         # FusedPrepareFn): the products of features (in the loop they cost 2.7 of 7.7 ms
         # per iteration at (1e6, 32, 64) on an H200), or the samples in their order.
         x = jnp.asarray(x)
         path = route(*x.shape, x.dtype) if x.ndim == 2 else None
+        if path == "block_centred":
+            return block_centred_data(x, jnp.asarray(weights))
         if path == "grouped":
             order = _sample_order(x, n_components)
             return _GroupedData(x[order], jnp.asarray(weights)[order])
@@ -1307,6 +1555,11 @@ def _gaussian_mixture(
             if prepared is None or prepared.features.dtype != dtype:  # called on its own
                 prepared = _expanded_data(x.astype(dtype), weights.astype(dtype))
             return expanded_step(params, x, weights, prepared)
+        if path == "block_centred":
+            dtype = params.means.dtype
+            if prepared is None or prepared.products.dtype != dtype:  # called on its own
+                prepared = block_centred_data(x.astype(dtype), weights.astype(dtype))
+            return block_centred_step(params, prepared)
         if path == "grouped" and prepared is not None:
             return _em._unfused_iteration(centred_model, params, prepared.x, prepared.weights)
         return None  # the engine's log_joint and m_step (on the samples as given)
