@@ -1085,6 +1085,7 @@ def test_block_centred_scatter_is_as_accurate_as_centred(small_centred_blocks, m
     one_block = module._block_centred_data(xj, wj, 1, 2000)
     assert grouped.centres.shape == (34, 6) and one_block.centres.shape == (1, 6)
     centred = lem.gaussian_mixture(3, reg_covar=1e-6, reg_covar_mode="absolute", moments="centred")
+    assert centred.fused_prepare is None or centred.fused_prepare(xj, wj) is None  # "auto"'s alone
     centred_error = error(lem.em_step(centred, params, xj, weights=wj)[0].covariances)
     grouped_error, one_block_checked = step_error(grouped), step_error(one_block)
     monkeypatch.setattr(module, "_BLOCK_CENTRED_MAX_CANCELLATION", np.inf)  # no check

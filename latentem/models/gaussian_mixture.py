@@ -1261,10 +1261,10 @@ def gaussian_mixture(
     once per fit by nearest landmark. With more than eight features (float32), each
     block of samples forms the scatter of the few components it meets (on separated
     clusters, most responsibilities are exactly zero after a few iterations); with five
-    to eight, the moments are formed about the centres of blocks of one group each,
-    from products of deviations formed once per fit (one matrix product per iteration).
-    The result differs from a fit in the data's own order only by rounding, of the same
-    size as the centred form's.
+    to eight and ``moments="auto"``, the moments are formed about the centres of blocks
+    of one group each, from products of deviations formed once per fit (one matrix
+    product per iteration). The result differs from a fit in the data's own order only
+    by rounding, of the size of the centred form's.
 
     Args:
       n_components: number of components :math:`K`.
@@ -1283,8 +1283,11 @@ def gaussian_mixture(
         an iteration where that exceeds ``2**-12`` (a component many of its own
         standard deviations from the mean) is computed centred instead. ``"auto"``
         (default): expanded for large fits on a GPU unless
-        ``jax.default_matmul_precision`` asks for float32 products (``"highest"``),
-        centred otherwise. On a CPU ``"expanded"`` made a float32 (1e5, 8, 8)
+        ``jax.default_matmul_precision`` asks for float32 products (``"highest"``);
+        on a CPU, about the centres of blocks of grouped samples for large full and
+        tied fits of five to eight features (see above; an iteration whose expansion
+        would cancel more than 16 times the centred form's rounding takes the
+        centred scatter), centred otherwise. On a CPU ``"expanded"`` made a float32 (1e5, 8, 8)
         iteration 1.0 to 2.2x faster, depending on the machine.
 
     Returns:
@@ -1315,14 +1318,26 @@ def gaussian_mixture(
         raise ValueError(f"reg_covar must be a non-negative number; got {reg_covar!r}.")
     check_nonnegative(reg_covar, "reg_covar")
     kernel = _KERNEL_MODES.get(jax.default_backend()) if covariance_type == "full" else None
+    # Moments about block centres are "auto"'s: "centred" keeps deviations about the means.
+    block_centred = (
+        moments == "auto"
+        and covariance_type in ("full", "tied")
+        and jax.default_backend() in _BLOCK_CENTRED_SAMPLES
+    )
     if moments == "auto":
         auto = covariance_type == "full" and jax.default_backend() in _EXPANDED_BACKENDS
         moments = "auto" if auto else "centred"
-    group_samples = covariance_type in ("full", "tied") and (
-        jax.default_backend() in _ACTIVE_COMPONENT_SLOTS or jax.default_backend() in _BLOCK_CENTRED_SAMPLES
-    )
+    group_samples = covariance_type in ("full", "tied") and jax.default_backend() in _ACTIVE_COMPONENT_SLOTS
     return _gaussian_mixture(
-        n_components, covariance_type, float(reg_covar), init, reg_covar_mode, kernel, moments, group_samples
+        n_components,
+        covariance_type,
+        float(reg_covar),
+        init,
+        reg_covar_mode,
+        kernel,
+        moments,
+        group_samples,
+        block_centred,
     )
 
 
@@ -1336,13 +1351,15 @@ def _gaussian_mixture(
     kernel: str | None = None,
     moments: str = "centred",
     group_samples: bool = False,
+    block_centred: bool = False,
 ) -> LatentModel:
     """The model; ``kernel`` ("compiled", "interpret" or None) gives it the fused EM
     iteration of ``_gaussian_kernel`` for full covariances; ``moments`` is "centred",
     "expanded", or "auto" (expanded where ``_expanded_applies``), resolved for the
     backend by ``gaussian_mixture``; ``group_samples`` lets large centred fits reorder
     their samples once per fit (``_sample_order``), for the scatter to skip the
-    components a block of samples does not meet."""
+    components a block of samples does not meet; ``block_centred`` lets fits of five to
+    eight features form their moments about block centres (``_block_centred_moments``)."""
 
     def check_data(x: Array, params: GaussianMixtureParams | None = None) -> None:
         if x.ndim != 2:
@@ -1518,7 +1535,7 @@ def _gaussian_mixture(
         if moments == "expanded" or (moments == "auto" and not _float32_products_requested()):
             if _expanded_applies(n_samples, n_components, n_features, always=moments == "expanded"):
                 return "expanded"
-        if group_samples and _block_centred_samples(n_samples, n_components, n_features, covariance_type):
+        if block_centred and _block_centred_samples(n_samples, n_components, n_features, covariance_type):
             return "block_centred"
         if (
             group_samples
@@ -1574,6 +1591,8 @@ def _gaussian_mixture(
         n_parameters=n_parameters,
         to_unconstrained=to_unconstrained,
         from_unconstrained=from_unconstrained,
-        fused_step=fused_step if kernel is not None or moments != "centred" or group_samples else None,
-        fused_prepare=fused_prepare if moments != "centred" or group_samples else None,
+        fused_step=fused_step
+        if kernel is not None or moments != "centred" or group_samples or block_centred
+        else None,
+        fused_prepare=fused_prepare if moments != "centred" or group_samples or block_centred else None,
     )
