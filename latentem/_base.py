@@ -627,6 +627,25 @@ def _transfer(values: Any, xp: Any) -> Any:
     return xp.asarray(values)
 
 
+def check_key(key: Any, *, name: str = "key") -> Array:
+    """Return ``key`` if it is one PRNG key: a typed key of shape ``()``
+    (``jax.random.key(seed)``) or a raw ``uint32[2]`` one (``jax.random.PRNGKey(seed)``),
+    concrete or traced; else raise a ``ValueError`` that says what to pass."""
+    if isinstance(key, (jax.Array, np.ndarray)):
+        if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+            if key.ndim == 0:
+                return key
+        elif key.dtype == np.uint32 and key.shape == (2,):
+            return key
+        got = f"an array of shape {key.shape} and dtype {key.dtype}"
+    else:
+        got = f"{key!r} ({type(key).__name__})"
+    raise ValueError(
+        f"{name} must be one PRNG key, e.g. jax.random.key(0) (for a seed s, jax.random.key(s)); "
+        f"got {got}. For one key per dataset use lem.fit_batch or jax.vmap."
+    )
+
+
 def check_positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
     """Return ``value`` as an int ``>= minimum`` or raise a ``ValueError`` naming it."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):

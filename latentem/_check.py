@@ -43,6 +43,7 @@ from latentem._base import (
     LatentModel,
     Params,
     PRNGKey,
+    check_key,
     check_positive_int,
     check_weights,
     check_x,
@@ -934,8 +935,8 @@ def check_model(
     weights = check_weights(weights, x.shape[0], float_dtype(x))
     n_samples = check_positive_int(n_samples, "n_samples", minimum=10)
     n_em_steps = check_positive_int(n_em_steps, "n_em_steps")
-    init_key, sample_key, check_key = jax.random.split(key, 3)
-    rng = _numpy_rng(check_key)
+    init_key, sample_key, numpy_key = jax.random.split(check_key(key), 3)
+    rng = _numpy_rng(numpy_key)
     findings: list[CheckFinding] = []
 
     def run(name: str, check: Callable[[], Any]) -> Any:

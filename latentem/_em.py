@@ -28,6 +28,7 @@ from latentem._base import (
     Posterior,
     PRNGKey,
     Status,
+    check_key,
     check_nonnegative,
     check_positive_int,
     check_weights,
@@ -477,6 +478,7 @@ def fit(
       >>> int(result.status) == lem.Status.CONVERGED, round(float(result.log_likelihood), 2)
       (True, -4.16)
     """
+    key = check_key(key)
     x, weights = _prepare(x, weights)
     n_init = check_positive_int(n_init, "n_init")
     max_iter = check_positive_int(max_iter, "max_iter", minimum=0)

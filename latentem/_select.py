@@ -28,6 +28,7 @@ from latentem._base import (
     PRNGKey,
     Status,
     check_choice,
+    check_key,
     check_nonnegative,
     check_positive_int,
     check_weights,
@@ -280,7 +281,7 @@ def select_n_components(
     else:
         x = check_x(x)
         weights = check_weights(weights, x.shape[0], float_dtype(x))
-        keys = key
+        keys = check_key(key)
     if candidates[-1] > x.shape[-2]:
         raise ValueError(
             f"candidates go up to {candidates[-1]} components but x has {x.shape[-2]} samples; "

@@ -18,7 +18,7 @@ from scipy import stats
 from sklearn.mixture import GaussianMixture
 
 import latentem as lem
-from tests.helpers import assert_trees_equal, blobs
+from tests.helpers import assert_trees_all_close, assert_trees_equal, blobs
 
 MODEL = lem.gaussian_mixture(3, "full")
 
@@ -109,6 +109,14 @@ def test_bad_arguments_name_the_argument_and_value(three_blobs):
             "n_init must be an integer >= 1; got 0",
         ),
         (lambda: lem.fit(lem.gaussian_mixture(200), jax.random.key(0), three_blobs), "n_components=200"),
+        (lambda: lem.fit(MODEL, 0, three_blobs), r"key must be one PRNG key, .*got 0 \(int\)"),
+        (
+            lambda: lem.fit(MODEL, jax.random.split(jax.random.key(0), 3), three_blobs),
+            r"key must be one PRNG key, .*got an array of shape \(3,\).*lem.fit_batch or jax.vmap",
+        ),
+        (lambda: lem.fit(MODEL, np.array([1, 2]), three_blobs), r"shape \(2,\) and dtype int"),
+        (lambda: lem.check_model(MODEL, 7, three_blobs), r"key must be one PRNG key, .*got 7"),
+        (lambda: lem.select_n_components(7, three_blobs, [1, 2]), r"key must be one PRNG key, .*got 7"),
         (
             lambda: lem.fit(MODEL, jax.random.key(0), three_blobs, weights=np.r_[1.0, 1.0, np.zeros(118)]),
             "2 sample\\(s\\) with positive weight but the model has 3 components",
@@ -117,6 +125,21 @@ def test_bad_arguments_name_the_argument_and_value(three_blobs):
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
             call()
+
+
+def test_every_kind_of_key_fits_the_same(three_blobs):
+    """A typed key, the raw uint32[2] key of the same seed, and either traced under
+    jax.vmap give the same fit."""
+    typed = jax.random.key(5)
+    raw = jax.random.key_data(typed)
+    assert raw.dtype == np.uint32 and raw.shape == (2,)
+    fits = [lem.fit(MODEL, key, three_blobs) for key in (typed, raw)]
+    fits += [
+        jax.tree_util.tree_map(lambda a: a[0], jax.vmap(lambda k: lem.fit(MODEL, k, three_blobs))(keys))
+        for keys in (typed[None], raw[None])
+    ]
+    for fit in fits[1:]:
+        assert_trees_all_close(fit.params, fits[0].params, rtol=1e-5, atol=1e-6)
 
 
 def test_bad_weights_raise(three_blobs):

@@ -30,7 +30,8 @@ for that sample, so a compiled fit ends with ``Status.NONFINITE``; eager calls t
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -205,6 +206,46 @@ def _empty(counts: Array, denominators: Array) -> Array:
     return denominators <= jnp.finfo(counts.dtype).eps * counts.sum()
 
 
+def _initial_params(
+    key: PRNGKey,
+    x: Array,
+    features: Array,
+    weights: Array,
+    n_components: int,
+    init: str,
+    estimate: Callable[[Array, Array], tuple[Array, Array, Array]],
+    m_step: Callable[[Array, Array, Any], Any],
+    params_type: type,
+) -> Any:
+    """The first M-step from seeded responsibilities (``_initial_responsibilities`` on
+    ``features``); a component whose cell is empty keeps the pooled estimate of every
+    sample. ``estimate`` and ``m_step`` take ``x``; ``params_type(weights, table)``."""
+    weights = weights.astype(features.dtype)
+    responsibilities = _initial_responsibilities(key, features, weights, n_components, init)
+    _, pooled, _ = estimate(x, weights[:, None])  # one component: (1, ...)
+    start = params_type(
+        jnp.full((n_components,), 1 / n_components, features.dtype),
+        jnp.broadcast_to(pooled, (n_components, *pooled.shape[1:])),
+    )
+    return m_step(x, responsibilities, start)
+
+
+def _sample_mixture(
+    key: PRNGKey, weights: Array, n_samples: int, draw: Callable[[PRNGKey, Array], Array]
+) -> tuple[Array, Array]:
+    """``n_samples`` labels drawn from ``weights`` and the values ``draw(key, labels)``."""
+    n_samples = check_positive_int(n_samples, "n_samples")
+    label_key, value_key = jax.random.split(key)
+    labels = _sample_labels(label_key, weights, n_samples)
+    return draw(value_key, labels), labels
+
+
+def _n_table_parameters(table: Array) -> int:
+    """Free parameters of a mixture with a ``(k, d)`` table of free values: k d + k - 1."""
+    k, d = table.shape
+    return int(k * d + k - 1)
+
+
 # ---------------------------------------------------------------------------
 # Bernoulli mixture
 # ---------------------------------------------------------------------------
@@ -285,26 +326,19 @@ def _bernoulli_mixture(n_components: int, smoothing: float, init: str) -> Latent
         _check_features(x, None)
         _check_values(x, "binary")
         features = jnp.asarray(x, float_dtype(x))
-        weights = weights.astype(features.dtype)
-        responsibilities = _initial_responsibilities(key, features, weights, n_components, init)
-        # Components whose cell is empty start from the pooled estimate.
-        _, pooled, _ = estimate(features, weights[:, None])
-        start = BernoulliMixtureParams(
-            jnp.full((n_components,), 1 / n_components, features.dtype),
-            jnp.broadcast_to(pooled, (n_components, features.shape[1])),
+        return _initial_params(
+            key, features, features, weights, n_components, init, estimate, m_step, BernoulliMixtureParams
         )
-        return m_step(features, responsibilities, start)
 
     def sample(key: PRNGKey, params: BernoulliMixtureParams, n_samples: int) -> tuple[Array, Array]:
-        n_samples = check_positive_int(n_samples, "n_samples")
-        label_key, value_key = jax.random.split(key)
-        labels = _sample_labels(label_key, params.weights, n_samples)
-        x = jax.random.bernoulli(value_key, params.probabilities[labels])
-        return x.astype(params.probabilities.dtype), labels
+        def draw(key: PRNGKey, labels: Array) -> Array:
+            x = jax.random.bernoulli(key, params.probabilities[labels])
+            return x.astype(params.probabilities.dtype)
+
+        return _sample_mixture(key, params.weights, n_samples, draw)
 
     def n_parameters(params: BernoulliMixtureParams) -> int:
-        k, d = params.probabilities.shape
-        return int(k * d + k - 1)
+        return _n_table_parameters(params.probabilities)
 
     def log_prior(params: BernoulliMixtureParams) -> Array:
         p = params.probabilities
@@ -459,24 +493,18 @@ def _categorical_mixture(
 
     def initialize(key: PRNGKey, x: Array, weights: Array) -> CategoricalMixtureParams:
         check_data(x, None)
-        dtype = float_dtype(x)
-        weights = weights.astype(dtype)
-        features = one_hot(x, dtype)
-        responsibilities = _initial_responsibilities(key, features, weights, n_components, init)
-        _, pooled, _ = estimate(x, weights[:, None])
-        start = CategoricalMixtureParams(
-            jnp.full((n_components,), 1 / n_components, dtype),
-            jnp.broadcast_to(pooled, (n_components, *pooled.shape[1:])),
+        features = one_hot(x, float_dtype(x))
+        return _initial_params(
+            key, x, features, weights, n_components, init, estimate, m_step, CategoricalMixtureParams
         )
-        return m_step(x, responsibilities, start)
 
     def sample(key: PRNGKey, params: CategoricalMixtureParams, n_samples: int) -> tuple[Array, Array]:
-        n_samples = check_positive_int(n_samples, "n_samples")
-        label_key, value_key = jax.random.split(key)
-        labels = _sample_labels(label_key, params.weights, n_samples)
-        # log 0 = -inf at the padding: those categories are never drawn.
-        x = jax.random.categorical(value_key, jnp.log(params.probabilities[labels]), axis=-1)
-        return x.astype(jnp.int32), labels
+        def draw(key: PRNGKey, labels: Array) -> Array:
+            # log 0 = -inf at the padding: those categories are never drawn.
+            x = jax.random.categorical(key, jnp.log(params.probabilities[labels]), axis=-1)
+            return x.astype(jnp.int32)
+
+        return _sample_mixture(key, params.weights, n_samples, draw)
 
     def n_parameters(params: CategoricalMixtureParams) -> int:
         k, n_variables, _ = params.probabilities.shape
@@ -587,25 +615,18 @@ def _poisson_mixture(n_components: int, smoothing: float, init: str) -> LatentMo
         _check_features(x, None)
         _check_values(x, "count")
         features = jnp.asarray(x, float_dtype(x))
-        weights = weights.astype(features.dtype)
-        responsibilities = _initial_responsibilities(key, features, weights, n_components, init)
-        _, pooled, _ = estimate(features, weights[:, None])
-        start = PoissonMixtureParams(
-            jnp.full((n_components,), 1 / n_components, features.dtype),
-            jnp.broadcast_to(pooled, (n_components, features.shape[1])),
+        return _initial_params(
+            key, features, features, weights, n_components, init, estimate, m_step, PoissonMixtureParams
         )
-        return m_step(features, responsibilities, start)
 
     def sample(key: PRNGKey, params: PoissonMixtureParams, n_samples: int) -> tuple[Array, Array]:
-        n_samples = check_positive_int(n_samples, "n_samples")
-        label_key, value_key = jax.random.split(key)
-        labels = _sample_labels(label_key, params.weights, n_samples)
-        x = jax.random.poisson(value_key, params.rates[labels])
-        return x.astype(params.rates.dtype), labels
+        def draw(key: PRNGKey, labels: Array) -> Array:
+            return jax.random.poisson(key, params.rates[labels]).astype(params.rates.dtype)
+
+        return _sample_mixture(key, params.weights, n_samples, draw)
 
     def n_parameters(params: PoissonMixtureParams) -> int:
-        k, d = params.rates.shape
-        return int(k * d + k - 1)
+        return _n_table_parameters(params.rates)
 
     def log_prior(params: PoissonMixtureParams) -> Array:
         rates = params.rates

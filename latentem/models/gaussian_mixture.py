@@ -723,27 +723,35 @@ def _gaussian_m_step(
         sums = responsibilities @ centred
     centred_means = sums / safe_counts[:, None]
     scatter = _scatter(x, responsibilities, centred_means, reference, covariance_type)
-    # The data's own second moments about the reference, per feature, from the moments
-    # at hand: a sample's weight is the sum of its responsibilities, so
-    # sum_n w_n (x_nj - c_j)^2 = sum_k (S_k,jj + N_k m_kj^2), a sum of non-negative
-    # terms. That saves the M-step a pass over x and two over the responsibilities: on
-    # a 2-core AVX2 CPU the M-step of (1e5, 8, 8) took 6.0-6.6 against 6.7-7.2 ms, and
-    # a diag fit of (1e5, 32, 16) 28-29 against 35-38 ms per iteration.
-    diagonal = jnp.diagonal(scatter, axis1=-2, axis2=-1) if covariance_type in ("full", "tied") else scatter
-    within = diagonal if covariance_type == "tied" else diagonal.sum(axis=0)  # tied: summed already
-    second_moments = (within + counts @ jnp.square(centred_means)) / total
     return _m_step_from_moments(
         counts,
         total,
         reference,
         centred_means,
         scatter,
-        second_moments,
+        _data_second_moments(scatter, counts, centred_means, total, covariance_type),
         params,
         covariance_type,
         reg_covar,
         reg_covar_mode,
     )
+
+
+def _data_second_moments(
+    scatter: Array, counts: Array, centred_means: Array, total: Array, covariance_type: str
+) -> Array:
+    r"""The data's own second moments about the reference, per feature, from the
+    moments at hand: a sample's weight is the sum of its responsibilities, so
+    :math:`\sum_n w_n (x_{nj} - c_j)^2 = \sum_k (S_{k,jj} + N_k m_{kj}^2)`, a sum of
+    non-negative terms (``scatter`` of a tied fit is summed over components already).
+
+    That saves the M-step a pass over x and two over the responsibilities: on a 2-core
+    AVX2 CPU the M-step of (1e5, 8, 8) took 6.0-6.6 against 6.7-7.2 ms, and a diag fit
+    of (1e5, 32, 16) 28-29 against 35-38 ms per iteration.
+    """
+    diagonal = jnp.diagonal(scatter, axis1=-2, axis2=-1) if covariance_type in ("full", "tied") else scatter
+    within = diagonal if covariance_type == "tied" else diagonal.sum(axis=0)
+    return (within + counts @ jnp.square(centred_means)) / total
 
 
 def _m_step_from_moments(
@@ -1142,16 +1150,14 @@ def _block_centred_moments(
     scatter = _batch_aware_cond(
         accurate, from_products, from_deviations, scatter, weighted, offsets, data.deviations
     )
-    # As in _gaussian_m_step: sum_n w_n (x_nj - c_j)^2 = sum_k (S_k,jj + N_k m_kj^2).
-    diagonal = jnp.diagonal(scatter, axis1=1, axis2=2)
-    second_moments = (jnp.sum(diagonal, axis=0) + counts @ jnp.square(centred_means)) / total
     return _gaussian_kernel.Moments(
         log_likelihood=log_likelihood,
         total=total,
         counts=counts,
         centred_means=centred_means,
         scatter=jnp.sum(scatter, axis=0) if tied else scatter,
-        second_moments=second_moments,
+        # From the scatter of each component, before a tied fit sums it.
+        second_moments=_data_second_moments(scatter, counts, centred_means, total, "full"),
     )
 
 
@@ -1551,6 +1557,7 @@ def _gaussian_mixture(
         # per iteration at (1e6, 32, 64) on an H200), the samples in blocks of one group
         # with the products of their deviations, or the samples in their order.
         x = jnp.asarray(x)
+        x = x.astype(float_dtype(x))  # integer data are fitted as floats
         path = route(*x.shape, x.dtype) if x.ndim == 2 else None
         if path == "block_centred":
             return block_centred_data(x, jnp.asarray(weights))
