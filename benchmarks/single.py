@@ -12,6 +12,7 @@ interleaved rounds (see ``per_iteration``), each taking its best round.
     python benchmarks/single.py --quick         # small sizes, a smoke run
     python benchmarks/single.py --memory        # the (1e6, 32, 64) float32 memory check
     python benchmarks/single.py --gpu           # GPU per-iteration times, FLOP/s and accuracy
+    python benchmarks/single.py --gpu --quick   # the same table at a small size (any backend)
 """
 
 from __future__ import annotations
@@ -414,7 +415,9 @@ def main() -> None:
         memory_child(*args.memory_child)
         return
     if args.gpu:
-        gpu_table([(1_000_000, 32, 64), (1_000_000, 8, 16)], 5, 25, args.repeat)
+        # --quick: a small run of the same table, on any backend, to try the script first.
+        sizes = [(20_000, 8, 4)] if args.quick else [(1_000_000, 32, 64), (1_000_000, 8, 16)]
+        gpu_table(sizes, 1 if args.quick else 5, 3 if args.quick else 25, 1 if args.quick else args.repeat)
         return
     if args.memory:
         memory_check(1_000_000, 32, 64, 2)

@@ -154,7 +154,9 @@ class FusedStepFn(Protocol):
     ``log_joint`` and ``m_step``. Used by :func:`latentem.fit_em` and everything built
     on it, not by ``e_step``, ``predict`` or the gradient path; ``check_model`` compares
     it with the unfused iteration. A model with a ``fused_prepare`` gets what it
-    returned as a fourth argument, ``fused_step(params, x, weights, prepared)``.
+    returned as a fourth argument, ``fused_step(params, x, weights, prepared)``, or
+    ``None`` from :func:`latentem.em_step`, which runs one iteration and does not
+    prepare: it must then compute the iteration without, or decline.
     """
 
     def __call__(self, params: Params, x: Array, weights: Array) -> tuple[Params, Array, Array] | None: ...
@@ -166,11 +168,12 @@ class FusedPrepareFn(Protocol):
     ``fused_prepare(x, weights) -> prepared``, any pytree of arrays (or ``None``).
     Where a model has one, the engine evaluates it once, before the EM loop, and calls
     ``fused_step(params, x, weights, prepared)`` with a fourth argument at every
-    iteration. XLA does not hoist such work out of a loop reliably: on a GPU it leaves
-    in the loop any operation whose result is much larger than its operands (the
-    Gaussian mixture's products of features, 17.5 times the data at 32 features: an
-    iteration at (1e6, 32, 64) took 7.7 ms with them formed in the loop, 5.0 ms
-    without, on an H200). A model whose ``fused_step`` is replaced
+    iteration (``em_step``, a single iteration, passes ``None`` instead). XLA does not
+    hoist such work out of a loop reliably: on a GPU it leaves in the loop any
+    operation whose result is much larger than its operands (the Gaussian mixture's
+    products of features, 17.5 times the data at 32 features: an iteration at (1e6,
+    32, 64) took 7.7 ms with them formed in the loop, 5.0 ms without, on an H200). A
+    model whose ``fused_step`` is replaced
     (``model._replace(fused_step=...)``) keeps its ``fused_prepare``: replace both, or
     set ``fused_prepare=None`` for a ``fused_step`` of three arguments.
     """

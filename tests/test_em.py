@@ -76,6 +76,34 @@ def test_em_step_is_one_iteration_of_fit_em(dtype, datasets):
     assert float(result.log_likelihood) >= float(objective_before)
 
 
+def test_em_step_does_not_prepare_and_fit_em_prepares_once(dtype, datasets):
+    """A model with a fused_prepare: fit_em evaluates it once (traced once, outside the
+    loop) and hands its result to fused_step; em_step, one iteration, does not evaluate
+    it and hands fused_step None. (This fused_step records what it gets and declines,
+    so both run the engine's iteration.)"""
+    x = jnp.asarray(datasets[2], dtype)
+    params = start_params(x, dtype)
+    prepare_calls, received = [], []
+
+    def fused_prepare(x, weights):
+        prepare_calls.append(x.shape)
+        return {"total": jnp.sum(weights)}
+
+    def fused_step(params, x, weights, prepared):
+        received.append(None if prepared is None else sorted(prepared))
+        return None
+
+    model = MODEL._replace(fused_step=fused_step, fused_prepare=fused_prepare)
+    stepped, _ = lem.em_step(model, params, x)
+    assert prepare_calls == [] and received == [None]
+    one = jax.jit(functools.partial(lem.fit_em, model, max_iter=1, tol=0.0))(params, x)
+    assert prepare_calls == [x.shape]
+    assert len(received) > 1 and all(item == ["total"] for item in received[1:])
+    assert_trees_all_close(
+        stepped, one.params, rtol=tight(dtype, 1e-12, 1e-5), atol=tight(dtype, 1e-12, 1e-5)
+    )
+
+
 def test_nan_dataset_leaves_rest_of_batch_bitwise_equal(dtype, datasets):
     xs = jnp.asarray(datasets[:4], dtype)
     params = jax.vmap(lambda x: start_params(x, dtype))(xs)

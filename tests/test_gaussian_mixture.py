@@ -1147,6 +1147,36 @@ def test_batched_block_centred_fits_equal_solo_fits(dtype, small_centred_blocks)
             assert_trees_all_close(member, solo.params, rtol=rtol_for(dtype, 1e-10, 1e-4), atol=1e-5 * scale)
 
 
+@pytest.mark.parametrize("route", ["block_centred", "grouped"])
+def test_em_step_skips_the_preparation_and_equals_one_iteration_of_a_fit(
+    route, dtype, monkeypatch, small_blocks, small_centred_blocks
+):
+    """em_step (one iteration) does not group the samples, which costs more than the
+    iteration saves; its result is the same iteration as a fit's first, which does."""
+    if route == "grouped":
+        module = small_blocks(block=200, slots=1, n_features=6)
+        preparation = "_sample_order"
+    else:
+        module = small_centred_blocks(block=64)
+        preparation = "_block_centred_data"
+    x, weights, start = expanded_case(separation=100, seed=23, n_samples=1000, start_at_truth=True)
+    xj, wj, params = jnp.asarray(x, dtype), jnp.asarray(weights, dtype), to_params(*start, dtype)
+    model = lem.gaussian_mixture(3, reg_covar=1e-6, reg_covar_mode="absolute")
+    assert model.fused_prepare(xj, wj) is not None
+    fitted = lem.fit_em(model, params, xj, weights=wj, max_iter=1, tol=0.0)
+
+    def fail(*args, **kwargs):
+        raise AssertionError(f"em_step called {preparation}")
+
+    monkeypatch.setattr(module, preparation, fail)
+    stepped, objective = lem.em_step(model, params, xj, wj)
+    scale = float(np.abs(fitted.params.covariances).max())
+    assert_trees_all_close(stepped, fitted.params, rtol=rtol_for(dtype, 1e-10, 1e-4), atol=1e-6 * scale)
+    np.testing.assert_allclose(  # at the parameters before the step
+        float(objective), float(lem.score(model, params, xj, wj)), rtol=rtol_for(dtype, 1e-12, 1e-6)
+    )
+
+
 @pytest.mark.parametrize("covariance_type", ["full", "tied"])
 def test_check_model_passes_the_block_centred_step(covariance_type, dtype, small_centred_blocks):
     module = small_centred_blocks(block=64)

@@ -1577,13 +1577,17 @@ def _gaussian_mixture(
             return kernel_step(params, x, weights)
         if path == "expanded":
             dtype = params.means.dtype
-            if prepared is None or prepared.features.dtype != dtype:  # called on its own
+            # Not prepared (em_step): the products of features are worth forming even
+            # for one iteration (at (1e6, 32, 64) on an H100 24 ms centred, 8 ms
+            # expanded; forming the products about 3 ms on an H200).
+            if prepared is None or prepared.features.dtype != dtype:
                 prepared = _expanded_data(x.astype(dtype), weights.astype(dtype))
             return expanded_step(params, x, weights, prepared)
         if path == "block_centred":
-            dtype = params.means.dtype
-            if prepared is None or prepared.products.dtype != dtype:  # called on its own
-                prepared = block_centred_data(x.astype(dtype), weights.astype(dtype))
+            # Not prepared (em_step, one iteration): the grouping would cost about three
+            # iterations, so the engine's iteration on the samples as given.
+            if prepared is None or prepared.products.dtype != params.means.dtype:
+                return None
             return block_centred_step(params, prepared)
         if path == "grouped" and prepared is not None:
             return _em._unfused_iteration(centred_model, params, prepared.x, prepared.weights)
