@@ -535,12 +535,29 @@ def is_concrete(*arrays: Any) -> bool:
 
 
 def float_dtype(x: Array) -> np.dtype:
-    """The floating dtype that computations on ``x`` use: its own if floating (float64
-    only when JAX has x64 enabled), else JAX's default float."""
+    """The floating dtype that computations on ``x`` use: its own if float32 or float64
+    (float64 only when JAX has x64 enabled), float32 for half precision (float16,
+    bfloat16), else JAX's default float.
+
+    Half precision is too coarse for EM: a log-likelihood summed over 20000 samples
+    overflowed float16 (the fit ended ``NONFINITE``), and bfloat16 keeps about three
+    significant digits of a mean.
+    """
     dtype = x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype
     if not jnp.issubdtype(dtype, jnp.floating):
         dtype = jnp.float64
+    elif jnp.finfo(dtype).bits < 32:
+        dtype = jnp.float32
     return np.dtype(jax.dtypes.canonicalize_dtype(dtype))
+
+
+def as_computed(x: Array) -> Array:
+    """Half-precision ``x`` in float32, the dtype computations on it use (see
+    ``float_dtype``), so that no epsilon or sum anywhere is taken in half precision;
+    other data unchanged (each model casts integers itself)."""
+    if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32:
+        return x.astype(jnp.float32)
+    return x
 
 
 def check_x(x: Any, *, name: str = "x") -> Array:
@@ -590,7 +607,7 @@ def check_x(x: Any, *, name: str = "x") -> Array:
         raise ValueError(
             f"{name} has NaN or infinite values in {rows.size} row(s): {shown}. Remove or impute those rows."
         )
-    return x
+    return as_computed(x)
 
 
 def check_weights(weights: Any, n_samples: int, dtype: Any, *, xp: Any = jnp) -> Array:

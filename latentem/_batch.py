@@ -34,6 +34,7 @@ from latentem._base import (
     EMResult,
     LatentModel,
     PRNGKey,
+    as_computed,
     check_nonnegative,
     check_positive_int,
     check_weights,
@@ -83,7 +84,7 @@ def check_batch(x: Any, *, name: str = "x") -> Array:
         raise ValueError(
             f"{name} must have at least one dataset, one sample and one feature; got shape {x.shape}."
         )
-    return jnp.asarray(x)
+    return as_computed(jnp.asarray(x))
 
 
 def check_batch_weights(weights: Any, n_datasets: int, n_samples: int, dtype: Any) -> Array:

@@ -104,6 +104,31 @@ def test_em_step_does_not_prepare_and_fit_em_prepares_once(dtype, datasets):
     )
 
 
+@pytest.mark.parametrize("half", [jnp.float16, jnp.bfloat16])
+def test_half_precision_data_are_fitted_in_float32(half, datasets):
+    """float16 and bfloat16 data fit, predict, score and fit in a batch as the same
+    values in float32 (in float16 a log-likelihood summed over 20000 samples
+    overflowed, and the fit ended NONFINITE)."""
+    x_half = jnp.asarray(datasets[:2] * 10, half)
+    x_single = x_half.astype(jnp.float32)
+    assert lem.fit(MODEL, jax.random.key(0), x_half[0]).params.means.dtype == jnp.float32
+    for x in (x_half[0], np.asarray(x_half[0])):  # a JAX array and a NumPy one (ml_dtypes)
+        fitted = lem.fit(MODEL, jax.random.key(0), x)
+        reference = lem.fit(MODEL, jax.random.key(0), x_single[0])
+        assert_trees_equal(fitted, reference)
+    assert_trees_equal(
+        lem.fit_batch(MODEL, jax.random.key(1), x_half), lem.fit_batch(MODEL, jax.random.key(1), x_single)
+    )
+    params = reference.params
+    assert_trees_equal(
+        lem.predict_proba(MODEL, params, x_half[1]), lem.predict_proba(MODEL, params, x_single[1])
+    )
+    assert float(lem.score(MODEL, params, x_half[1])) == float(lem.score(MODEL, params, x_single[1]))
+    large = jax.random.normal(jax.random.key(2), (20000, 2)) * 10 + 60.0
+    result = lem.fit(lem.gaussian_mixture(2), jax.random.key(3), large.astype(jnp.float16))
+    assert int(result.status) == lem.Status.CONVERGED and np.isfinite(float(result.log_likelihood))
+
+
 def test_nan_dataset_leaves_rest_of_batch_bitwise_equal(dtype, datasets):
     xs = jnp.asarray(datasets[:4], dtype)
     params = jax.vmap(lambda x: start_params(x, dtype))(xs)
