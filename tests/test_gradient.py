@@ -221,6 +221,46 @@ def test_gradient_finite_when_a_weight_vanishes(x, start, covariance_type, dtype
     np.testing.assert_allclose(slope, directional_derivative(loss, vanished, direction, step), rtol=rtol)
 
 
+@pytest.mark.parametrize("covariance_type", ["full", "tied"])
+def test_gradient_finite_with_large_off_diagonal_cholesky_entries(x, start, covariance_type, dtype):
+    """Off-diagonal entries of the packed Cholesky factors above log(largest float)
+    (data in large units: Old Faithful in units 100 times smaller had them): exp of
+    such an entry overflows, and where only the diagonal is exponentiated the gradient
+    stays finite. Reference: autodiff of the same map written by indices (each entry
+    set once, exp taken of the diagonal entries alone), through scikit-learn's score
+    formula's ingredients in JAX (lem.score)."""
+    model = lem.gaussian_mixture(N_COMPONENTS, covariance_type)
+    ones = jnp.ones(x.shape[0], x.dtype)
+    unconstrained = model.to_unconstrained(start[covariance_type])
+    n_features = x.shape[1]
+    rows, cols = np.tril_indices(n_features)
+    large = float(np.log(np.finfo(dtype).max)) + 10  # 98.7 in float32, 719.8 in float64
+    scales = unconstrained.scales.at[..., np.flatnonzero(rows != cols)[0]].set(large)
+    point = unconstrained._replace(scales=scales)
+    value, gradient = jax.jit(jax.value_and_grad(_loss_fn(model, x, ones)))(point)
+    assert np.isfinite(float(value))
+    for leaf in gradient:
+        assert np.isfinite(np.asarray(leaf)).all()
+
+    diagonal, off_diagonal = np.flatnonzero(rows == cols), np.flatnonzero(rows != cols)
+
+    def reference_loss(u):
+        packed = u.scales
+        lower = jnp.zeros((*packed.shape[:-1], n_features, n_features), packed.dtype)
+        lower = lower.at[..., rows[off_diagonal], cols[off_diagonal]].set(packed[..., off_diagonal])
+        lower = lower.at[..., rows[diagonal], cols[diagonal]].set(jnp.exp(packed[..., diagonal]))
+        params = model.from_unconstrained(u)._replace(covariances=lower @ jnp.swapaxes(lower, -1, -2))
+        return -lem.score(model, params, x)
+
+    expected_value, expected = jax.jit(jax.value_and_grad(reference_loss))(point)
+    rtol = 1e-10 if is_x64() else 1e-4
+    np.testing.assert_allclose(float(value), float(expected_value), rtol=rtol)
+    assert_trees_all_close(
+        gradient, expected, rtol=rtol, atol=rtol * float(jnp.max(jnp.abs(expected.scales)))
+    )
+    assert float(jnp.max(jnp.abs(gradient.scales[..., off_diagonal[0]]))) > 0
+
+
 def test_gradient_finite_with_zero_weight_samples(x, start, dtype):
     model = lem.gaussian_mixture(N_COMPONENTS, "full")
     unconstrained = model.to_unconstrained(start["full"])

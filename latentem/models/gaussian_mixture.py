@@ -1222,7 +1222,10 @@ def _unpack_cholesky(packed: Array, n_features: int) -> Array:
     """Inverse of ``_pack_cholesky``: any real vector gives a positive-definite matrix."""
     rows, cols = np.tril_indices(n_features)
     on_diagonal = jnp.broadcast_to(rows == cols, packed.shape)
-    values = jnp.where(on_diagonal, jnp.exp(packed), packed)
+    # exp of the diagonal alone: an off-diagonal entry above 88 (float32) would give
+    # exp = inf on the discarded side, and its gradient 0 * inf = NaN (a fit_gradient
+    # of Old Faithful in units 100 times smaller ended NONFINITE).
+    values = jnp.where(on_diagonal, jnp.exp(jnp.where(on_diagonal, packed, 0)), packed)
     lower = jnp.zeros((*packed.shape[:-1], n_features, n_features), packed.dtype)
     lower = lower.at[..., rows, cols].set(values)
     return lower @ jnp.swapaxes(lower, -1, -2)
