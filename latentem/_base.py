@@ -649,13 +649,14 @@ def _transfer(values: Any, xp: Any) -> Any:
 
 def check_key(key: Any, *, name: str = "key") -> Array:
     """Return ``key`` if it is one PRNG key: a typed key of shape ``()``
-    (``jax.random.key(seed)``) or a raw ``uint32[2]`` one (``jax.random.PRNGKey(seed)``),
-    concrete or traced; else raise a ``ValueError`` that says what to pass."""
+    (``jax.random.key(seed)``) or a raw ``uint32`` one (``jax.random.PRNGKey(seed)``:
+    2 words, 4 with the "rbg" implementations), concrete or traced; else raise a
+    ``ValueError`` that says what to pass."""
     if isinstance(key, (jax.Array, np.ndarray)):
         if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
             if key.ndim == 0:
                 return key
-        elif key.dtype == np.uint32 and key.shape == (2,):
+        elif key.dtype == np.uint32 and key.shape in ((2,), (4,)):
             return key
         got = f"an array of shape {key.shape} and dtype {key.dtype}"
     else:
