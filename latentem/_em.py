@@ -270,14 +270,24 @@ def _unfused_iteration(
     ``fused_step`` returns. A ``fused_step`` that decides at run time (under
     ``lax.cond``) to fall back calls this."""
     if model.posterior is None:  # finite states, enumerated: work states-first
-        responsibilities, log_likelihood = _responsibilities_by_state(model, params, x, materialise=True)
-        weighted_by_state = _weighted_posterior(responsibilities, weights, sample_axis=1)
+        weighted_by_state, log_likelihood_sum = _weighted_responsibilities_by_state(model, params, x, weights)
         weighted, state_mass = weighted_by_state.T, weighted_by_state.sum(axis=1)
-    else:
-        posterior, log_likelihood = model.posterior(params, x)
-        weighted = _weighted_posterior(posterior, weights)
-        state_mass = weighted.sum(axis=0) if model.log_joint is not None else None
+        return model.m_step(x, weighted, params), log_likelihood_sum, state_mass
+    posterior, log_likelihood = model.posterior(params, x)
+    weighted = _weighted_posterior(posterior, weights)
+    state_mass = weighted.sum(axis=0) if model.log_joint is not None else None
     return model.m_step(x, weighted, params), _weighted_log_likelihood(log_likelihood, weights), state_mass
+
+
+def _weighted_responsibilities_by_state(
+    model: LatentModel, params: Params, x: Array, weights: Array
+) -> tuple[Array, Array]:
+    r"""The E-step of a finite-state model, states first: ``(w_n r_nk)`` of shape
+    ``(k, n)`` and :math:`\sum_n w_n \log p(x_n)`; what an M-step takes, for a
+    ``fused_step`` that forms its moments its own way."""
+    responsibilities, log_likelihood = _responsibilities_by_state(model, params, x, materialise=True)
+    weighted = _weighted_posterior(responsibilities, weights, sample_axis=1)
+    return weighted, _weighted_log_likelihood(log_likelihood, weights)
 
 
 # ---------------------------------------------------------------------------

@@ -851,9 +851,15 @@ class _ExpandedData(NamedTuple):
     weights: Array
 
 
+def _weighted_mean(x: Array, weights: Array) -> Array:
+    """The data's weighted mean, ``(d,)``: the reference the prepared moments are
+    formed about."""
+    return (weights @ x) / jnp.sum(weights)
+
+
 def _expanded_data(x: Array, weights: Array) -> _ExpandedData:
     """``_ExpandedData`` of ``x`` (``(n, d)``) and ``weights`` (``(n,)``)."""
-    reference = (weights @ x) / jnp.sum(weights)
+    reference = _weighted_mean(x, weights)
     centred = x - reference[None, :]
     block = _EXPANDED_BLOCK_SAMPLES.get(jax.default_backend())
     if block is not None and x.shape[0] > block:
@@ -1051,7 +1057,7 @@ def _block_centred_data(x: Array, weights: Array, n_groups: int, block: int) -> 
     row = (jnp.cumsum(padded_sizes) - padded_sizes)[group] + rank
     # Static: at most block - 1 padding rows per group.
     n_blocks = (n_samples + n_groups * (block - 1)) // block
-    reference = (weights @ x) / jnp.sum(weights)
+    reference = _weighted_mean(x, weights)
     grouped_x = jnp.broadcast_to(reference, (n_blocks * block, n_features))
     grouped_x = grouped_x.at[row].set(x, unique_indices=True)
     grouped_weights = jnp.zeros(n_blocks * block, weights.dtype).at[row].set(weights, unique_indices=True)
@@ -1522,11 +1528,9 @@ def _gaussian_mixture(
         return _batch_aware_cond(accurate, expanded, centred, params, x, weights, data, factor)
 
     def block_centred_step(params: GaussianMixtureParams, data: _BlockCentredData):
-        responsibilities, log_likelihood = _em._responsibilities_by_state(
-            centred_model, params, data.x, materialise=True
+        weighted, log_likelihood = _em._weighted_responsibilities_by_state(
+            centred_model, params, data.x, data.weights
         )
-        weighted = _em._weighted_posterior(responsibilities, data.weights, sample_axis=1)
-        log_likelihood = _em._weighted_log_likelihood(log_likelihood, data.weights)
         moments = _block_centred_moments(data, weighted, log_likelihood, tied=covariance_type == "tied")
         return moments_step(moments, data.reference, params)
 
