@@ -560,8 +560,12 @@ def as_computed(x: Array) -> Array:
     return x
 
 
-def check_x(x: Any, *, name: str = "x") -> Array:
-    """Return ``x`` as a 2-D JAX array, or raise a ``ValueError`` that says what to do."""
+def check_real(x: Any, name: str) -> Any:
+    """``x`` as an array (NumPy or JAX) of real numbers or booleans, or a ``ValueError``.
+
+    Complex values are refused rather than cast: the cast would drop the imaginary
+    parts without a word.
+    """
     if not isinstance(x, (jax.Array, np.ndarray)):
         try:
             x = np.asarray(x)
@@ -569,6 +573,36 @@ def check_x(x: Any, *, name: str = "x") -> Array:
             raise ValueError(f"{name} must be an array of numbers; got {type(x).__name__}.") from error
     if x.dtype == object or not (jnp.issubdtype(x.dtype, jnp.number) or jnp.issubdtype(x.dtype, jnp.bool_)):
         raise ValueError(f"{name} must hold numbers; got dtype {x.dtype}.")
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        raise ValueError(
+            f"{name} must hold real numbers; got dtype {x.dtype}. Pass the real part "
+            f"({name}.real), or the real and imaginary parts as separate features."
+        )
+    return x
+
+
+def check_param_shapes(params: Any, expected: dict[str, tuple[int, ...]], model: str) -> None:
+    """Raise a ``ValueError`` unless each field ``params.<name>`` has the shape
+    ``expected[name]``.
+
+    A model's functions rely on its own sizes (the number of components in sampling and
+    in the log-likelihood's constants, the covariance type in the covariances' layout):
+    parameters of another model would fit, score or sample a different one, or fail
+    deep inside with a broadcasting error. ``model`` names the model for the message,
+    e.g. ``"kmeans(3) with 2 features"``.
+    """
+    for name, shape in expected.items():
+        actual = tuple(np.shape(getattr(params, name)))
+        if actual != tuple(shape):
+            raise ValueError(
+                f"params.{name} has shape {actual}, but {model} needs {tuple(shape)}; "
+                "pass parameters of this model (from its init or a fit with it)."
+            )
+
+
+def check_x(x: Any, *, name: str = "x") -> Array:
+    """Return ``x`` as a 2-D JAX array, or raise a ``ValueError`` that says what to do."""
+    x = check_real(x, name)
     if x.ndim == 1:
         raise ValueError(
             f"{name} must be 2-D with shape (n_samples, n_features); got shape {x.shape}. "
@@ -619,8 +653,7 @@ def check_weights(weights: Any, n_samples: int, dtype: Any, *, xp: Any = jnp) ->
     if weights is None:
         # Built on the host and transferred: jnp.ones would compile a program.
         return _transfer(np.ones((n_samples,), dtype), xp)
-    if not isinstance(weights, jax.Array):
-        weights = np.asarray(weights)  # checked and converted on the host
+    weights = check_real(weights, "weights")  # NumPy weights are checked and converted on the host
     if weights.ndim != 1 or weights.shape[0] != n_samples:
         raise ValueError(
             f"weights must have shape (n_samples,) = ({n_samples},), one per row of x; "

@@ -37,6 +37,7 @@ from latentem._base import (
     as_computed,
     check_nonnegative,
     check_positive_int,
+    check_real,
     check_weights,
     float_dtype,
     is_concrete,
@@ -51,25 +52,13 @@ from latentem._em import fit, warn_on_status
 # ---------------------------------------------------------------------------
 
 
-def _check_numeric(x: Any, name: str) -> Any:
-    """``x`` as an array of numbers (NumPy or JAX), or a ``ValueError``."""
-    if not isinstance(x, (jax.Array, np.ndarray)):
-        try:
-            x = np.asarray(x)
-        except Exception as error:
-            raise ValueError(f"{name} must be an array of numbers; got {type(x).__name__}.") from error
-    if x.dtype == object or not (jnp.issubdtype(x.dtype, jnp.number) or jnp.issubdtype(x.dtype, jnp.bool_)):
-        raise ValueError(f"{name} must hold numbers; got dtype {x.dtype}.")
-    return x
-
-
 def check_batch(x: Any, *, name: str = "x") -> Array:
     """Return a batch of datasets as a 3-D JAX array, or raise a ``ValueError``.
 
     NaN and infinite values are allowed: they are a property of one dataset, which
     the fit reports as ``Status.NONFINITE``.
     """
-    x = _check_numeric(x, name)
+    x = check_real(x, name)
     if x.ndim != 3:
         hint = (
             " For a single dataset use lem.fit; for datasets of different lengths use "
@@ -91,7 +80,7 @@ def check_batch_weights(weights: Any, n_datasets: int, n_samples: int, dtype: An
     """Sample weights of a batch, shape ``(n_datasets, n_samples)``; ones when ``None``."""
     if weights is None:
         return jnp.ones((n_datasets, n_samples), dtype)
-    weights = jnp.asarray(_check_numeric(weights, "weights"))
+    weights = jnp.asarray(check_real(weights, "weights"))
     if weights.shape != (n_datasets, n_samples):
         raise ValueError(
             f"weights must have shape (n_datasets, n_samples) = ({n_datasets}, {n_samples}), one "
@@ -270,7 +259,7 @@ def stack_datasets(
         )
     if len(datasets) == 0:
         raise ValueError("datasets is empty; give at least one dataset.")
-    arrays = [_check_numeric(data, f"datasets[{b}]") for b, data in enumerate(datasets)]
+    arrays = [check_real(data, f"datasets[{b}]") for b, data in enumerate(datasets)]
     for b, data in enumerate(arrays):
         if data.ndim != 2 or 0 in data.shape:
             raise ValueError(

@@ -140,6 +140,104 @@ def test_every_kind_of_key_fits_the_same(three_blobs):
         assert_trees_all_close(fit.params, fits[0].params, rtol=1e-5, atol=1e-6)
 
 
+def test_complex_data_are_refused_not_cast_to_their_real_part(three_blobs):
+    """A cast to float would drop the imaginary parts silently (NumPy only warns)."""
+    complex_x = three_blobs + 1j * np.ones_like(three_blobs)
+    params = lem.fit(MODEL, jax.random.key(0), three_blobs).params
+    calls = {
+        "fit": lambda x: lem.fit(MODEL, jax.random.key(0), x),
+        "fit, JAX array": lambda x: lem.fit(MODEL, jax.random.key(0), jnp.asarray(x)),
+        "predict": lambda x: lem.predict(MODEL, params, x),
+        "score": lambda x: lem.score(MODEL, params, x),
+        "fit_batch": lambda x: lem.fit_batch(MODEL, jax.random.key(0), x[None]),
+    }
+    for call in calls.values():
+        with pytest.raises(ValueError, match=r"x must hold real numbers; got dtype complex.*x\.real"):
+            call(complex_x)
+    # stack_datasets names the dataset; weights are checked the same way.
+    with pytest.raises(ValueError, match=r"datasets\[1\] must hold real numbers"):
+        lem.stack_datasets([three_blobs, complex_x])
+    with pytest.raises(ValueError, match="weights must hold real numbers"):
+        lem.fit(MODEL, jax.random.key(0), three_blobs, weights=np.ones(120, complex))
+    with pytest.raises(ValueError, match="weights must hold real numbers"):
+        lem.fit_batch(MODEL, jax.random.key(0), three_blobs[None], weights=np.ones((1, 120), complex))
+
+
+ANOTHER_MODELS_PARAMETERS = {  # model, the model whose parameters are passed, data, message
+    "components": (
+        lem.gaussian_mixture(3),
+        lem.gaussian_mixture(2),
+        "x",
+        r"params.means has shape \(2, 2\), but ",
+    ),
+    "diag": (lem.gaussian_mixture(3, "diag"), lem.gaussian_mixture(3), "x", r"type='diag'.* needs \(3, 2\)"),
+    "tied": (lem.gaussian_mixture(3, "tied"), lem.gaussian_mixture(3, "spherical"), "x", r"needs \(2, 2\)"),
+    "hard_em": (lem.hard_em(lem.gaussian_mixture(3)), lem.gaussian_mixture(2), "x", r"gaussian_mixture\(3, "),
+    "kmeans": (lem.kmeans(3), lem.kmeans(2), "x", r"params.centres has shape \(2, 2\), but kmeans\(3\)"),
+    "poisson": (
+        lem.poisson_mixture(3),
+        lem.poisson_mixture(2),
+        "counts",
+        r"poisson_mixture\(3\) with 2 features",
+    ),
+    "bernoulli": (lem.bernoulli_mixture(3), lem.bernoulli_mixture(2), "binary", "bernoulli_mixture"),
+    "categories": (
+        lem.categorical_mixture(2, 3),
+        lem.categorical_mixture(2, 4),
+        "codes",
+        r"needs \(2, 2, 3\)",
+    ),
+    "ppca": (lem.ppca(2), lem.ppca(1), "wider", r"params.components has shape \(1, 3\), but ppca\(2\)"),
+    "fa": (
+        lem.factor_analysis(1),
+        lem.ppca(1),
+        "wider",
+        r"params.noise_variance has shape \(\), .* needs \(3,\)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", ANOTHER_MODELS_PARAMETERS)
+def test_parameters_of_another_model_are_refused(case, three_blobs):
+    """Parameters of another number of components, covariance type or number of
+    categories are a ValueError in every function that takes them. Before, a Gaussian
+    mixture of 2 components sampling with 3 components' parameters returned the third
+    mean without noise, and k-means scored with its own number of clusters in the
+    constant and sampled labels from it."""
+    model, other, data_name, message = ANOTHER_MODELS_PARAMETERS[case]
+    x = jnp.asarray(three_blobs)
+    data = {
+        "x": x,
+        "counts": jnp.round(jnp.abs(x)),
+        "binary": (x > 0).astype(x.dtype),
+        "codes": jnp.asarray(np.random.default_rng(0).integers(0, 3, (120, 2)), x.dtype),
+        "wider": jnp.concatenate([x, 2 * x[:, :1] + 1], axis=1),
+    }[data_name]
+    key = jax.random.key(0)
+    weights = jnp.ones(data.shape[0], data.dtype)
+    params = jax.jit(other.init)(key, data, weights)  # one program, not many small eager ones
+    calls = [
+        functools.partial(lem.fit_em, model, params, data),
+        functools.partial(lem.em_step, model, params, data),
+        functools.partial(lem.score, model, params, data),
+        functools.partial(lem.bic, model, params, data),
+        functools.partial(model.sample, key, params, 5),
+    ]
+    if model.log_joint is not None:
+        calls.append(functools.partial(lem.predict, model, params, data))
+    for call in calls:
+        with pytest.raises(ValueError, match=message + ".*pass parameters of this model"):
+            call()
+    # The model's own parameters pass (traced only: the shapes are all that is checked).
+    own = jax.eval_shape(model.init, key, data, weights)
+    assert isinstance(model.n_parameters(own), int)
+    assert jax.eval_shape(functools.partial(model.sample, n_samples=5), key, own)[0].shape == (
+        5,
+        data.shape[1],
+    )
+    assert jax.eval_shape(functools.partial(lem.fit_em, model), own, data).params == own
+
+
 def test_bad_weights_raise(three_blobs):
     cases = [
         (np.zeros(120), "all zero"),

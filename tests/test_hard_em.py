@@ -104,7 +104,8 @@ def test_ties_go_to_the_lowest_state(dtype):
     params = lem.GaussianMixtureParams(
         jnp.asarray([0.5, 0.5], dtype), jnp.asarray([[-1.0], [1.0]], dtype), jnp.ones((2, 1), dtype)
     )
-    assignments, _ = lem.e_step(MODEL, params, jnp.asarray([[0.0], [2.0]], dtype))
+    model = lem.hard_em(lem.gaussian_mixture(2, "diag"))
+    assignments, _ = lem.e_step(model, params, jnp.asarray([[0.0], [2.0]], dtype))
     np.testing.assert_array_equal(np.asarray(assignments), [[1.0, 0.0], [0.0, 1.0]])
 
 

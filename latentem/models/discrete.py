@@ -44,6 +44,7 @@ from latentem._base import (
     PRNGKey,
     check_choice,
     check_nonnegative,
+    check_param_shapes,
     check_positive_int,
     float_dtype,
     is_concrete,
@@ -297,7 +298,13 @@ def bernoulli_mixture(n_components: int, smoothing: float = 1.0, init: str = "km
 
 @functools.lru_cache(maxsize=256)
 def _bernoulli_mixture(n_components: int, smoothing: float, init: str) -> LatentModel:
+    def check_params(params: BernoulliMixtureParams) -> None:
+        d = params.probabilities.shape[-1]
+        expected = {"probabilities": (n_components, d), "weights": (n_components,)}
+        check_param_shapes(params, expected, f"bernoulli_mixture({n_components}) with {d} features")
+
     def log_joint(params: BernoulliMixtureParams, x: Array) -> Array:
+        check_params(params)
         _check_features(x, params.probabilities.shape[1])
         _check_values(x, "binary")
         x = x.astype(params.probabilities.dtype)
@@ -317,6 +324,7 @@ def _bernoulli_mixture(n_components: int, smoothing: float, init: str) -> Latent
         return counts, jnp.clip(probabilities, eps, 1 - eps), _empty(counts, denominators)
 
     def m_step(x: Array, responsibilities: Array, params: BernoulliMixtureParams) -> BernoulliMixtureParams:
+        check_params(params)
         _check_features(x, params.probabilities.shape[1])
         counts, probabilities, empty = estimate(x, responsibilities)
         probabilities = jnp.where(empty[:, None], params.probabilities, probabilities)
@@ -331,6 +339,8 @@ def _bernoulli_mixture(n_components: int, smoothing: float, init: str) -> Latent
         )
 
     def sample(key: PRNGKey, params: BernoulliMixtureParams, n_samples: int) -> tuple[Array, Array]:
+        check_params(params)
+
         def draw(key: PRNGKey, labels: Array) -> Array:
             x = jax.random.bernoulli(key, params.probabilities[labels])
             return x.astype(params.probabilities.dtype)
@@ -338,6 +348,7 @@ def _bernoulli_mixture(n_components: int, smoothing: float, init: str) -> Latent
         return _sample_mixture(key, params.weights, n_samples, draw)
 
     def n_parameters(params: BernoulliMixtureParams) -> int:
+        check_params(params)
         return _n_table_parameters(params.probabilities)
 
     def log_prior(params: BernoulliMixtureParams) -> Array:
@@ -447,6 +458,14 @@ def _categorical_mixture(
             )
         _check_values(x, "categorical", sizes(x.shape[1]))
 
+    def check_params(params: CategoricalMixtureParams) -> None:
+        v = params.probabilities.shape[-2] if shared else len(n_categories)
+        check_param_shapes(
+            params,
+            {"probabilities": (n_components, v, max_categories), "weights": (n_components,)},
+            f"categorical_mixture({n_components}, n_categories={n_categories!r}) with {v} variables",
+        )
+
     def one_hot(x: Array, dtype: np.dtype) -> Array:
         """(n_samples, n_variables * max_categories) indicators of the observed codes."""
         codes = x.astype(jnp.int32) if not jnp.issubdtype(x.dtype, jnp.integer) else x
@@ -454,6 +473,7 @@ def _categorical_mixture(
         return indicators.reshape(x.shape[0], -1)
 
     def log_joint(params: CategoricalMixtureParams, x: Array) -> Array:
+        check_params(params)
         check_data(x, params.probabilities.shape[1])
         k = params.probabilities.shape[0]
         present = jnp.asarray(mask(x.shape[1]))[None, :, :]
@@ -486,6 +506,7 @@ def _categorical_mixture(
     def m_step(
         x: Array, responsibilities: Array, params: CategoricalMixtureParams
     ) -> CategoricalMixtureParams:
+        check_params(params)
         check_data(x, params.probabilities.shape[1])
         counts, probabilities, empty = estimate(x, responsibilities)
         probabilities = jnp.where(empty[:, None, None], params.probabilities, probabilities)
@@ -499,6 +520,8 @@ def _categorical_mixture(
         )
 
     def sample(key: PRNGKey, params: CategoricalMixtureParams, n_samples: int) -> tuple[Array, Array]:
+        check_params(params)
+
         def draw(key: PRNGKey, labels: Array) -> Array:
             # log 0 = -inf at the padding: those categories are never drawn.
             x = jax.random.categorical(key, jnp.log(params.probabilities[labels]), axis=-1)
@@ -507,6 +530,7 @@ def _categorical_mixture(
         return _sample_mixture(key, params.weights, n_samples, draw)
 
     def n_parameters(params: CategoricalMixtureParams) -> int:
+        check_params(params)
         k, n_variables, _ = params.probabilities.shape
         return int(k * (int(sizes(n_variables).sum()) - n_variables) + k - 1)
 
@@ -585,7 +609,13 @@ def poisson_mixture(n_components: int, smoothing: float = 1.0, init: str = "kmea
 
 @functools.lru_cache(maxsize=256)
 def _poisson_mixture(n_components: int, smoothing: float, init: str) -> LatentModel:
+    def check_params(params: PoissonMixtureParams) -> None:
+        d = params.rates.shape[-1]
+        expected = {"rates": (n_components, d), "weights": (n_components,)}
+        check_param_shapes(params, expected, f"poisson_mixture({n_components}) with {d} features")
+
     def log_joint(params: PoissonMixtureParams, x: Array) -> Array:
+        check_params(params)
         _check_features(x, params.rates.shape[1])
         _check_values(x, "count")
         x = x.astype(params.rates.dtype)
@@ -605,6 +635,7 @@ def _poisson_mixture(n_components: int, smoothing: float, init: str) -> LatentMo
         return counts, jnp.maximum(rates, jnp.finfo(rates.dtype).tiny), empty
 
     def m_step(x: Array, responsibilities: Array, params: PoissonMixtureParams) -> PoissonMixtureParams:
+        check_params(params)
         _check_features(x, params.rates.shape[1])
         counts, rates, empty = estimate(x, responsibilities)
         return PoissonMixtureParams(
@@ -620,12 +651,15 @@ def _poisson_mixture(n_components: int, smoothing: float, init: str) -> LatentMo
         )
 
     def sample(key: PRNGKey, params: PoissonMixtureParams, n_samples: int) -> tuple[Array, Array]:
+        check_params(params)
+
         def draw(key: PRNGKey, labels: Array) -> Array:
             return jax.random.poisson(key, params.rates[labels]).astype(params.rates.dtype)
 
         return _sample_mixture(key, params.weights, n_samples, draw)
 
     def n_parameters(params: PoissonMixtureParams) -> int:
+        check_params(params)
         return _n_table_parameters(params.rates)
 
     def log_prior(params: PoissonMixtureParams) -> Array:

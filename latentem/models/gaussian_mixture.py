@@ -38,6 +38,7 @@ from latentem._base import (
     PRNGKey,
     check_choice,
     check_nonnegative,
+    check_param_shapes,
     check_positive_int,
     float_dtype,
     optimization_barrier,
@@ -487,6 +488,22 @@ def feature_variances(x: Array, sample_weights: Array) -> Array:
     mean = (sample_weights @ centred) / total
     second = (sample_weights @ jnp.square(centred)) / total
     return _regulariser_scale(jnp.maximum(second - jnp.square(mean), 0), second)
+
+
+def _check_params(params: GaussianMixtureParams, n_components: int, covariance_type: str) -> None:
+    """A ``ValueError`` for parameters of another mixture (``check_param_shapes``)."""
+    n_features = params.means.shape[-1]
+    covariance_shape = {
+        "full": (n_components, n_features, n_features),
+        "tied": (n_features, n_features),
+        "diag": (n_components, n_features),
+        "spherical": (n_components,),
+    }[covariance_type]
+    check_param_shapes(
+        params,
+        {"means": (n_components, n_features), "weights": (n_components,), "covariances": covariance_shape},
+        f"gaussian_mixture({n_components}, covariance_type={covariance_type!r}) with {n_features} features",
+    )
 
 
 def _covariances_from_variances(variances: Array, n_components: int, covariance_type: str) -> Array:
@@ -1384,6 +1401,8 @@ def _gaussian_mixture(
                 f"x has {x.shape[1]} features but the parameters have "
                 f"{params.means.shape[-1]}; pass data with shape (n_samples, {params.means.shape[-1]})."
             )
+        if params is not None:
+            _check_params(params, n_components, covariance_type)
 
     def log_joint(params: GaussianMixtureParams, x: Array) -> Array:
         x = jnp.asarray(x)
@@ -1430,6 +1449,7 @@ def _gaussian_mixture(
 
     def sample(key: PRNGKey, params: GaussianMixtureParams, n_samples: int) -> tuple[Array, Array]:
         n_samples = check_positive_int(n_samples, "n_samples")
+        _check_params(params, n_components, covariance_type)
         component_key, noise_key = jax.random.split(key)
         labels = jax.random.categorical(component_key, jnp.log(params.weights), shape=(n_samples,))
         noise = jax.random.normal(noise_key, (n_samples, params.means.shape[1]), params.means.dtype)
@@ -1450,6 +1470,7 @@ def _gaussian_mixture(
         return x + params.means[labels], labels.astype(jnp.int32)
 
     def n_parameters(params: GaussianMixtureParams) -> int:
+        _check_params(params, n_components, covariance_type)
         k, d = params.means.shape
         covariance_count = {
             "full": k * d * (d + 1) // 2,
@@ -1460,6 +1481,7 @@ def _gaussian_mixture(
         return covariance_count + k * d + k - 1
 
     def to_unconstrained(params: GaussianMixtureParams) -> GaussianMixtureUnconstrained:
+        _check_params(params, n_components, covariance_type)
         if covariance_type in ("full", "tied"):
             scales = _pack_cholesky(params.covariances)
         else:

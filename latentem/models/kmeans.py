@@ -27,6 +27,7 @@ from latentem._base import (
     LatentModel,
     PRNGKey,
     check_choice,
+    check_param_shapes,
     check_positive_int,
     check_weights,
     check_x,
@@ -104,6 +105,14 @@ def _kmeans(n_clusters: int, init: str) -> LatentModel:
                 f"x has {x.shape[1]} features but the centres have {params.centres.shape[-1]}; "
                 f"pass data with shape (n_samples, {params.centres.shape[-1]})."
             )
+        if params is not None:
+            check_params(params)
+
+    def check_params(params: KMeansParams) -> None:
+        n_features = params.centres.shape[-1]
+        check_param_shapes(
+            params, {"centres": (n_clusters, n_features)}, f"kmeans({n_clusters}) with {n_features} features"
+        )
 
     def log_joint(params: KMeansParams, x: Array) -> Array:
         check_data(x, params)
@@ -138,12 +147,14 @@ def _kmeans(n_clusters: int, init: str) -> LatentModel:
 
     def sample(key: PRNGKey, params: KMeansParams, n_samples: int) -> tuple[Array, Array]:
         n_samples = check_positive_int(n_samples, "n_samples")
+        check_params(params)
         label_key, noise_key = jax.random.split(key)
         labels = jax.random.randint(label_key, (n_samples,), 0, n_clusters, dtype=jnp.int32)
         noise = jax.random.normal(noise_key, (n_samples, params.centres.shape[1]), params.centres.dtype)
         return params.centres[labels] + noise, labels
 
     def n_parameters(params: KMeansParams) -> int:
+        check_params(params)
         return int(params.centres.shape[0] * params.centres.shape[1])
 
     def identity(params: KMeansParams) -> KMeansParams:

@@ -34,7 +34,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from latentem._base import Array, LatentModel, PRNGKey, check_positive_int, float_dtype
+from latentem._base import Array, LatentModel, PRNGKey, check_param_shapes, check_positive_int, float_dtype
 from latentem.models import _linalg
 
 
@@ -194,6 +194,13 @@ def _check_features(x: Array, n_features: int) -> None:
         )
 
 
+def _check_params(params: PPCAParams | FactorAnalysisParams, n_components: int, name: str, isotropic: bool):
+    """A ``ValueError`` for parameters of another model (``check_param_shapes``)."""
+    d = params.mean.shape[-1]
+    expected = {"mean": (d,), "components": (n_components, d), "noise_variance": () if isotropic else (d,)}
+    check_param_shapes(params, expected, f"{name}({n_components}) with {d} features")
+
+
 def _n_free_loadings(n_components: int, n_features: int) -> int:
     """Loadings minus the rotations of the latent space that leave the model unchanged."""
     return n_features * n_components - n_components * (n_components - 1) // 2
@@ -247,11 +254,16 @@ def ppca(n_components: int) -> LatentModel:
 
 @functools.lru_cache(maxsize=256)
 def _ppca(n_components: int) -> LatentModel:
+    def check_params(params: PPCAParams) -> None:
+        _check_params(params, n_components, "ppca", isotropic=True)
+
     def posterior(params: PPCAParams, x: Array) -> tuple[LinearGaussianPosterior, Array]:
+        check_params(params)
         _check_features(x, params.mean.shape[0])
         return _posterior(params.mean, params.components, params.noise_variance, x)
 
     def m_step(x: Array, posterior: LinearGaussianPosterior, params: PPCAParams) -> PPCAParams:
+        check_params(params)
         _check_features(x, params.mean.shape[0])
         mean, components, noise, floor = _m_step(x, posterior, *params)
         return PPCAParams(mean, components, jnp.maximum(jnp.mean(noise), jnp.mean(floor)))
@@ -261,9 +273,11 @@ def _ppca(n_components: int) -> LatentModel:
         return PPCAParams(mean, components, jnp.mean(variances))
 
     def sample(key: PRNGKey, params: PPCAParams, n_samples: int) -> tuple[Array, Array]:
+        check_params(params)
         return _sample(key, params, n_samples)
 
     def n_parameters(params: PPCAParams) -> int:
+        check_params(params)
         q, d = params.components.shape
         return int(d + _n_free_loadings(q, d) + 1)
 
@@ -318,13 +332,18 @@ def factor_analysis(n_components: int) -> LatentModel:
 
 @functools.lru_cache(maxsize=256)
 def _factor_analysis(n_components: int) -> LatentModel:
+    def check_params(params: FactorAnalysisParams) -> None:
+        _check_params(params, n_components, "factor_analysis", isotropic=False)
+
     def posterior(params: FactorAnalysisParams, x: Array) -> tuple[LinearGaussianPosterior, Array]:
+        check_params(params)
         _check_features(x, params.mean.shape[0])
         return _posterior(params.mean, params.components, params.noise_variance, x)
 
     def m_step(
         x: Array, posterior: LinearGaussianPosterior, params: FactorAnalysisParams
     ) -> FactorAnalysisParams:
+        check_params(params)
         _check_features(x, params.mean.shape[0])
         mean, components, noise, floor = _m_step(x, posterior, *params)
         return FactorAnalysisParams(mean, components, jnp.maximum(noise, floor))
@@ -333,9 +352,11 @@ def _factor_analysis(n_components: int) -> LatentModel:
         return FactorAnalysisParams(*_initial(key, x, weights, n_components))
 
     def sample(key: PRNGKey, params: FactorAnalysisParams, n_samples: int) -> tuple[Array, Array]:
+        check_params(params)
         return _sample(key, params, n_samples)
 
     def n_parameters(params: FactorAnalysisParams) -> int:
+        check_params(params)
         q, d = params.components.shape
         return int(d + _n_free_loadings(q, d) + d)
 
