@@ -265,8 +265,9 @@ def save(path: str | os.PathLike | BinaryIO, model_description: Any, params: Par
         lists, dicts) of numeric arrays.
 
     Raises:
-      ValueError: the description or the options are invalid, or the parameters hold
-        something other than numeric arrays.
+      ValueError: the description or the options are invalid, the parameters are not
+        those of the described latentem model (another number of components, say), or
+        they hold something other than numeric arrays.
 
     Example:
       >>> import io, jax, latentem as lem
@@ -282,7 +283,16 @@ def save(path: str | os.PathLike | BinaryIO, model_description: Any, params: Par
       (True, True)
     """
     description = _normalise_description(model_description)
-    _build_model(description)
+    model = _build_model(description)
+    if model is not None and model.n_parameters is not None:
+        # The built-in models check the parameters' shapes in every function that
+        # takes them; n_parameters is the one that computes nothing with them.
+        try:
+            model.n_parameters(params)
+        except (AttributeError, TypeError, ValueError) as error:
+            raise ValueError(
+                f"the parameters are not those of the described model {description}: {error}"
+            ) from None
     arrays: dict[str, np.ndarray] = {}
     structure = _encode(params, _PARAMS_PREFIX, arrays)
     metadata = {

@@ -1,6 +1,6 @@
 """The command line: ``python -m latentem [fit] [FILE.csv] [options]``.
 
-Fits a Gaussian mixture by EM to a CSV file (a header row, numeric columns) or, with
+Fits a Gaussian mixture by EM to a CSV file (numeric columns, a header row optional) or, with
 no file, to the embedded Old Faithful data, and prints a summary: the fitted weights,
 means and covariances, the mean log-likelihood, BIC, AIC, iterations and status.
 
@@ -53,11 +53,15 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m latentem",
         usage="python -m latentem [fit] [FILE.csv] [--n-components K | --select A-B] [options]",
         description=(
-            "Fit a Gaussian mixture by EM to a CSV file with a header row and numeric columns "
+            "Fit a Gaussian mixture by EM to a CSV file of numeric columns, with or without a header row "
             "(default data: Old Faithful, 272 x 2)."
         ),
     )
-    parser.add_argument("file", nargs="?", help="CSV file with a header row and numeric columns")
+    parser.add_argument(
+        "file",
+        nargs="?",
+        help="comma-separated numeric columns; a first row that is not all numbers is the header",
+    )
     choice = parser.add_mutually_exclusive_group()
     choice.add_argument(
         "--n-components", "-k", type=int, default=None, metavar="K", help="number of components (default 2)"
@@ -142,25 +146,25 @@ def _load(path: str | None) -> tuple[np.ndarray, list[str], str]:
     if os.path.isdir(path):
         raise _UsageError(f"{path} is a directory; give a CSV file.")
     try:
-        data, names = datasets.read_csv(path)
+        data, names, lines = datasets._read_csv(path)
     except (ValueError, UnicodeDecodeError, OSError) as error:
         raise _UsageError(str(error).splitlines()[0]) from None
     finite = np.isfinite(data)
     if not finite.all():
         rows, columns = np.nonzero(~finite)
-        lines = ", ".join(str(row + 2) for row in np.unique(rows)[:5])
+        shown = ", ".join(str(lines[row]) for row in np.unique(rows)[:5])
         more = ", ..." if np.unique(rows).size > 5 else ""
         column_names = ", ".join(repr(names[c]) for c in np.unique(columns)[:5])
         raise _UsageError(
             f"{path} has {np.unique(rows).size} row(s) with missing, NaN or infinite values "
-            f"(line {lines}{more}; column {column_names}); remove or impute them."
+            f"(line {shown}{more}; column {column_names}); remove or impute them."
         )
     return data, names, path
 
 
 def _check_enough_rows(data: np.ndarray, source: str, needed: int, option: str) -> None:
     if data.shape[0] == 0:
-        raise _UsageError(f"{source} has no data rows; it needs a header row and at least {needed} rows.")
+        raise _UsageError(f"{source} has no data rows; it needs at least {needed}, after its header row.")
     if data.shape[0] < needed:
         raise _UsageError(
             f"{source} has {data.shape[0]} row(s) but {option} needs at least {needed}; "

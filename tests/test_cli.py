@@ -22,7 +22,7 @@ from scipy.stats import multivariate_normal
 from sklearn.mixture import GaussianMixture as ReferenceMixture
 
 from latentem.cli import Progress
-from latentem.datasets import load_faithful
+from latentem.datasets import load_faithful, read_csv
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -179,6 +179,9 @@ def test_bad_inputs_give_one_line_errors_and_a_fit_reports_progress(csv_file, tm
         "nan.csv": "a,b\n1.0,nan\n3.0,4.0\n5.0,6.0\n",
         "short.csv": "a,b\n1.0,2.0\n3.0,4.0\n",
         "header_only.csv": "a,b\n",
+        "semicolons.csv": "a;b\n1;2\n3;4\n",
+        "blank_lines.csv": "a,b\n\n1,2\n\n3,\n5,6\n",
+        "no_header_nan.csv": "1.0,2.0\nnan,4.0\n5.0,6.0\n",
     }
     for name, text in files.items():
         (tmp_path / name).write_text(text)
@@ -193,6 +196,9 @@ def test_bad_inputs_give_one_line_errors_and_a_fit_reports_progress(csv_file, tm
         ),
         (["fit", "short.csv", "--select", "1-5"], r"--select 5 needs at least 5"),
         (["fit", "header_only.csv"], r"has no data rows"),
+        (["fit", "semicolons.csv"], r"line 2, column 'a;b': '1;2' is not a number.*must be comma-separated"),
+        (["fit", "blank_lines.csv"], r"values \(line 5; column 'b'\)"),  # blank lines counted
+        (["fit", "no_header_nan.csv"], r"values \(line 2; column '1'\)"),
         (["--covariance-type", "round"], r"argument --covariance-type: invalid choice: 'round'"),
         (["--n-components", "0"], r"--n-components must be at least 1; got 0"),
         (["--n-components", "two"], r"argument --n-components/-k: invalid int value: 'two'"),
@@ -237,6 +243,20 @@ def test_bad_inputs_give_one_line_errors_and_a_fit_reports_progress(csv_file, tm
     assert document["n_iter"] >= 1 and "selection" not in document
     assert f"iterations           {document['n_iter']}" in fitted["stdout"]
     assert (tmp_path / "one.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_csv_with_or_without_header_row(tmp_path):
+    """A first row of numbers is data (np.savetxt writes no header); any other is the header."""
+    x = np.random.default_rng(0).normal(size=(7, 3))
+    np.savetxt(tmp_path / "plain.csv", x, delimiter=",")
+    data, names = read_csv(tmp_path / "plain.csv")
+    np.testing.assert_array_equal(data, np.loadtxt(tmp_path / "plain.csv", delimiter=","))
+    assert names == ["1", "2", "3"] and data.shape == (7, 3)
+    for header in ("a,b,c", "1,b,3", "x1, x2 ,x3"):
+        (tmp_path / "named.csv").write_text(header + "\n" + (tmp_path / "plain.csv").read_text())
+        data, names = read_csv(tmp_path / "named.csv")
+        np.testing.assert_array_equal(data, np.loadtxt(tmp_path / "plain.csv", delimiter=","))
+        assert names == [name.strip() for name in header.split(",")]
 
 
 class FakeTerminal(io.StringIO):

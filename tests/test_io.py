@@ -166,6 +166,13 @@ def test_save_checks_description_and_params(tmp_path):
         )
     with pytest.raises(ValueError, match="only numeric arrays"):
         lem.save(tmp_path / "a.npz", "mine", {"names": np.array(["a", "b"])})
+    # Parameters of another model than the described one: a file that would load wrong.
+    for options in ({"n_components": 2}, {"n_components": 1, "covariance_type": "diag"}):
+        with pytest.raises(ValueError, match=r"not those of the described model.*params.* has shape"):
+            lem.save(tmp_path / "a.npz", {"model": "gaussian_mixture", "options": options}, params)
+    with pytest.raises(ValueError, match=r"not those of the described model.*has no attribute 'centres'"):
+        lem.save(tmp_path / "a.npz", {"model": "kmeans", "options": {"n_clusters": 1}}, params)
+    assert not (tmp_path / "a.npz").exists()
 
 
 class MyParams(NamedTuple):

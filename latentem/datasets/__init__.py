@@ -12,7 +12,11 @@ __all__ = ["load_faithful", "read_csv"]
 
 
 def read_csv(path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
-    """Read a numeric CSV file with a header row into ``(data, column_names)``.
+    """Read a numeric, comma-separated file into ``(data, column_names)``.
+
+    The first row is the header, unless every cell of it is a number: then the file
+    has no header (``np.savetxt(path, x, delimiter=",")`` writes none), the first row
+    is data, and the columns are named ``"1"``, ``"2"``, ... by position.
 
     Raises ``ValueError`` with the offending line and column for a non-numeric cell
     (empty cells and ``nan`` are read as NaN, which the fitting functions reject by row),
@@ -25,28 +29,47 @@ def read_csv(path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
       >>> data.shape, names
       ((272, 2), ['eruptions', 'waiting'])
     """
+    data, names, _ = _read_csv(path)
+    return data, names
+
+
+def _read_csv(path: str | os.PathLike) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """:func:`read_csv`, with the line number in the file of each row of ``data``."""
     with open(path, newline="") as handle:
-        rows = list(csv.reader(handle))
-    rows = [row for row in rows if any(cell.strip() for cell in row)]
+        # Blank lines are skipped, but counted in the line numbers of the messages.
+        rows = [
+            (line, row) for line, row in enumerate(csv.reader(handle), start=1) if any(c.strip() for c in row)
+        ]
     if not rows:
-        raise ValueError(f"{path} is empty; expected a header row and numeric rows.")
-    names = [name.strip() for name in rows[0]]
-    data = np.empty((len(rows) - 1, len(names)), dtype=np.float64)
-    for line, row in enumerate(rows[1:], start=2):
+        raise ValueError(f"{path} is empty; expected rows of comma-separated numbers.")
+    first = [cell.strip() for cell in rows[0][1]]
+    if all(_is_number(cell) for cell in first):
+        names = [str(column + 1) for column in range(len(first))]
+    else:
+        names, rows = first, rows[1:]
+    data = np.empty((len(rows), len(names)), dtype=np.float64)
+    for index, (line, row) in enumerate(rows):
         if len(row) != len(names):
-            raise ValueError(
-                f"{path}, line {line}: {len(row)} values but the header has {len(names)} columns."
-            )
+            raise ValueError(f"{path}, line {line}: {len(row)} values but the first row has {len(names)}.")
         for column, cell in enumerate(row):
             text = cell.strip()
             try:
-                data[line - 2, column] = float(text) if text else np.nan
+                data[index, column] = float(text) if text else np.nan
             except ValueError:
+                hint = " (the file must be comma-separated)" if (";" in text or "\t" in text) else ""
                 raise ValueError(
                     f"{path}, line {line}, column {names[column]!r}: {text!r} is not a number; "
-                    "every column must be numeric."
+                    f"every column must be numeric{hint}."
                 ) from None
-    return data, names
+    return data, names, np.asarray([line for line, _ in rows], dtype=np.int64)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def load_faithful() -> np.ndarray:
