@@ -702,6 +702,14 @@ def check_key(key: Any, *, name: str = "key") -> Array:
 
 def check_positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
     """Return ``value`` as an int ``>= minimum`` or raise a ``ValueError`` naming it."""
+    if isinstance(value, jax.core.Tracer):
+        # Sizes (iterations, restarts, samples) shape the compiled program.
+        raise ValueError(
+            f"{name} must be a Python int, known when the program is compiled; got a traced value. "
+            f"Pass it as a static argument (jax.jit(..., static_argnames=...)) or close over it."
+        )
+    if isinstance(value, jax.Array) and value.ndim == 0 and jnp.issubdtype(value.dtype, jnp.integer):
+        value = int(value)  # a concrete JAX integer, e.g. from jnp.arange
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}.")
     if value < minimum:

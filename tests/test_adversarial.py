@@ -125,6 +125,12 @@ def test_bad_arguments_name_the_argument_and_value(three_blobs):
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
             call()
+    # A size traced under jit cannot shape the program: say to make it static.
+    with pytest.raises(ValueError, match="max_iter must be a Python int, known when the program is compiled"):
+        jax.jit(lambda max_iter: lem.fit(MODEL, jax.random.key(0), three_blobs, max_iter=max_iter))(5)
+    # A concrete JAX integer is as good as a Python one.
+    with pytest.warns(lem.ConvergenceWarning, match="max_iter=3"):
+        assert lem.fit(MODEL, jax.random.key(0), three_blobs, max_iter=jnp.int32(3), tol=0.0).n_iter == 3
 
 
 def test_every_kind_of_key_fits_the_same(three_blobs):
