@@ -194,7 +194,9 @@ def _check_features(x: Array, n_features: int) -> None:
         )
 
 
-def _check_params(params: PPCAParams | FactorAnalysisParams, n_components: int, name: str, isotropic: bool):
+def _check_params(
+    params: PPCAParams | FactorAnalysisParams, n_components: int, name: str, isotropic: bool
+) -> None:
     """A ``ValueError`` for parameters of another model (``check_param_shapes``)."""
     d = params.mean.shape[-1]
     expected = {"mean": (d,), "components": (n_components, d), "noise_variance": () if isotropic else (d,)}
