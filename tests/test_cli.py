@@ -252,6 +252,10 @@ def test_csv_with_or_without_header_row(tmp_path):
     data, names = read_csv(tmp_path / "plain.csv")
     np.testing.assert_array_equal(data, np.loadtxt(tmp_path / "plain.csv", delimiter=","))
     assert names == ["1", "2", "3"] and data.shape == (7, 3)
+    # A missing value in a first row of numbers leaves it data (the fit then names the row).
+    (tmp_path / "gap.csv").write_text("1.5,,2\n3,4,5\n")
+    data, names = read_csv(tmp_path / "gap.csv")
+    assert names == ["1", "2", "3"] and data.shape == (2, 3) and np.isnan(data[0, 1])
     for header in ("a,b,c", "1,b,3", "x1, x2 ,x3"):
         (tmp_path / "named.csv").write_text(header + "\n" + (tmp_path / "plain.csv").read_text())
         data, names = read_csv(tmp_path / "named.csv")

@@ -14,8 +14,8 @@ __all__ = ["load_faithful", "read_csv"]
 def read_csv(path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
     """Read a numeric, comma-separated file into ``(data, column_names)``.
 
-    The first row is the header, unless every cell of it is a number: then the file
-    has no header (``np.savetxt(path, x, delimiter=",")`` writes none), the first row
+    The first row is the header, unless every cell of it is a number (or empty): then
+    the file has no header (``np.savetxt(path, x, delimiter=",")`` writes none), the first row
     is data, and the columns are named ``"1"``, ``"2"``, ... by position.
 
     Raises ``ValueError`` with the offending line and column for a non-numeric cell
@@ -43,7 +43,7 @@ def _read_csv(path: str | os.PathLike) -> tuple[np.ndarray, list[str], np.ndarra
     if not rows:
         raise ValueError(f"{path} is empty; expected rows of comma-separated numbers.")
     first = [cell.strip() for cell in rows[0][1]]
-    if all(_is_number(cell) for cell in first):
+    if all(cell == "" or _is_number(cell) for cell in first):  # a missing value is not a name
         names = [str(column + 1) for column in range(len(first))]
     else:
         names, rows = first, rows[1:]
