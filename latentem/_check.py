@@ -235,11 +235,17 @@ class _Programs:
             return jnp.sum(jnp.where(jnp.isfinite(log_joint), coefficients * log_joint, 0))
         return jnp.sum(coefficients[:, 0] * e_step(self.model, params, x)[1])
 
-    def _expected(self, start: Params, x: Array, posterior: Array, noises: Any) -> tuple[Any, ...]:
-        """M-step output on ``posterior``; Q there, at ``start`` and nearby; gradient norms of Q.
+    def _expected(
+        self, start: Params, x: Array, posterior: Array, noises: Any, targets: Params
+    ) -> tuple[Any, ...]:
+        """M-step output on ``posterior``; Q there, at ``start`` and nearby; slopes of Q
+        along chords to ``targets``; gradient norms of Q.
 
-        The gradient norms are at the M-step output and at the first nearby point, which
-        gives the scale the first is compared with.
+        ``targets`` are valid parameters (a leading axis over them). Along each chord
+        ``new + t (target - new)``: the slopes dQ/dt at t = 0 and t = 0.05 (forward-mode
+        autodiff), and whether Q is finite at t = -0.001, on the other side of ``new``;
+        shape ``(n_targets, 3)``. The gradient norms are at the M-step output
+        and at the first nearby point, which gives the scale the first is compared with.
 
         ``noises`` is the unconstrained pytree with a leading axis of random directions.
         Q is evaluated once under ``vmap`` over all points, to keep the program small.
@@ -247,8 +253,27 @@ class _Programs:
         model = self.model
         new = model.m_step(x, posterior, start)
         q = lambda params: _expected_objective(model, params, x, posterior)
+
+        def chord(target: Params) -> Array:
+            def along(s: Array) -> Array:
+                return q(
+                    jax.tree_util.tree_map(
+                        lambda a, b: (
+                            a + s.astype(a.dtype) * (b - a) if jnp.issubdtype(a.dtype, jnp.inexact) else a
+                        ),
+                        new,
+                        target,
+                    )
+                )
+
+            slope = lambda t: jax.jvp(along, (t,), (jnp.ones_like(t),))[1]
+            steps = jnp.asarray([0.0, 0.05], posterior.dtype)
+            behind = jnp.isfinite(along(jnp.asarray(-0.001, posterior.dtype))).astype(posterior.dtype)
+            return jnp.concatenate([jax.vmap(slope)(steps), behind[None]])
+
+        chords = jax.vmap(chord)(targets)
         if not _has_bijection(model):
-            return new, jnp.stack([q(new), q(start)]), None, None
+            return new, jnp.stack([q(new), q(start)]), chords, None, None
         unconstrained = model.to_unconstrained(new)
         origin = model.to_unconstrained(start)
         nearby = jax.tree_util.tree_map(
@@ -267,6 +292,7 @@ class _Programs:
         return (
             new,
             values,
+            chords,
             jax.tree_util.tree_map(lambda leaf: leaf[0], norms),
             jax.tree_util.tree_map(lambda leaf: leaf[1], norms),
         )
@@ -534,7 +560,16 @@ def _check_uses_parameters(ctx: _Context) -> str:
 
 
 def _check_m_step_improves(ctx: _Context, analyses: list[Any]) -> str:
-    """Q at the M-step output beats Q at the input and at nearby points.
+    """Q at the M-step output beats Q at the input and at nearby points, and does not
+    rise along the chords from it to other valid parameters.
+
+    The chords need no unconstrained coordinates: the parameters of a mixture (weights
+    on the simplex, positive rates and variances, positive definite covariances,
+    probabilities) form a convex set, so every point of a chord between valid
+    parameters is valid, and at a maximiser of Q over that set the slope of Q toward
+    any of them is at most zero. Where Q is also finite a little behind the M-step's
+    output (an interior point, not one on the edge of the support), the slope must be
+    zero: a negative one is a direction, backwards, in which Q rises.
 
     Appends the analyses (M-step output, Q values, gradient norms) to ``analyses`` before
     judging them, so that the stationarity check runs on them even when this one fails.
@@ -549,6 +584,11 @@ def _check_m_step_improves(ctx: _Context, analyses: list[Any]) -> str:
     tolerance_scale = 100 * float(np.finfo(ctx.dtype).eps)
     if _has_bijection(model):
         shapes = jax.eval_shape(model.to_unconstrained, ctx.params)
+    # Valid parameters to draw chords to: init's, on the data with other keys too.
+    targets = [ctx.params] + [
+        ctx.programs.init(jax.random.fold_in(ctx.key, 1 + index), x, ctx.weights) for index in range(3)
+    ]
+    targets = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *targets)
     for _ in range(2):
         draws = ctx.rng.dirichlet(np.ones(n_states), size=x.shape[0])
         posterior = jnp.asarray(draws, ctx.dtype) * ctx.weights[:, None]
@@ -559,7 +599,7 @@ def _check_m_step_improves(ctx: _Context, analyses: list[Any]) -> str:
             if _has_bijection(model)
             else None
         )
-        analyses.append(ctx.programs.expected(ctx.params, x, posterior, noises))
+        analyses.append(ctx.programs.expected(ctx.params, x, posterior, noises, targets))
     for analysis in analyses:
         values = np.asarray(analysis[1], np.float64)
         q_new = values[0]
@@ -574,8 +614,30 @@ def _check_m_step_improves(ctx: _Context, analyses: list[Any]) -> str:
                     f"{q_other:.6g} at {description}. Re-derive the M-step (it must maximise Q, "
                     "plus log_prior if the model has one)."
                 )
-    return "on random posteriors, Q at m_step's output is at least Q at the input parameters" + (
-        " and at random nearby points." if _has_bijection(model) else "."
+    rtol = _stationarity_rtol(ctx.dtype)
+    for analysis in analyses:
+        q_new = float(analysis[1][0])
+        for index, (at_output, further, behind) in enumerate(np.asarray(analysis[2], np.float64)):
+            if not (math.isfinite(at_output) and math.isfinite(further)):
+                continue  # a chord through the edge of the support says nothing
+            allowed = rtol * abs(further) + tolerance_scale * (1 + abs(q_new))
+            if at_output > allowed or (behind == 1 and -at_output > allowed):
+                target = (
+                    "init's parameters" if index == 0 else f"init's parameters with another key ({index})"
+                )
+                side = "toward" if at_output > 0 else "away from"
+                ratio = abs(at_output) / max(abs(further), float(np.finfo(np.float64).tiny))
+                raise _Failed(
+                    f"on random posteriors the M-step's output is not the maximiser of the expected "
+                    f"complete-data log-likelihood Q: Q rises from m_step's output {side} {target}, "
+                    f"with slope {abs(at_output):.3g} per unit of the chord between them ({ratio:.2g} "
+                    f"times the slope 5% along it, allowed {rtol:.0e}). Re-derive the M-step (it must "
+                    "maximise Q, plus log_prior if the model has one)."
+                )
+    return (
+        "on random posteriors, Q at m_step's output is at least Q at the input parameters"
+        + (", at random nearby points," if _has_bijection(model) else "")
+        + " and does not rise along the chords between it and other valid parameters."
     )
 
 
@@ -591,7 +653,7 @@ def _check_m_step_stationary(ctx: _Context, analyses: list[Any]) -> str:
         return _check_fixed_point(ctx)
     rtol = _stationarity_rtol(ctx.dtype)
     worst = 0.0
-    for _, _, at_m_step, at_nearby in analyses:
+    for _, _, _, at_m_step, at_nearby in analyses:
         ratios = _gradient_ratios(_norms(at_m_step), _norms(at_nearby), ctx.dtype)
         for path, ratio in ratios.items():
             if not math.isfinite(ratio) or ratio > rtol:
@@ -877,7 +939,10 @@ def check_model(
       every parameter leaf enters ``log_joint`` (catches a forgotten ``log(weights)``).
     ``m_step_improves``
       on random posteriors :math:`R`, :math:`Q(\theta; R)` at ``m_step``'s output is no
-      lower than at its input or at random nearby points.
+      lower than at its input or at random nearby points, and its slope along the
+      chords toward other valid parameters (``init``'s, four keys) is not positive
+      (beyond the tolerance of ``m_step_stationary``): parameter sets of mixtures are
+      convex, so this needs no unconstrained coordinates.
     ``m_step_stationary``
       there, :math:`\nabla Q = 0` (autodiff, unconstrained coordinates), to ``1e-4``
       (float64) or ``1.2e-3`` (float32) of its size at a point 5% away; for models

@@ -103,6 +103,41 @@ def test_flags_a_log_joint_missing_the_mixture_weights(reports, counts):
     assert all("sample and log_joint disagree" in finding.message for finding in flagged)
 
 
+def m_step_rates_too_large(x, responsibilities, params):
+    """Planted mistake 4: rates 5% too large, an M-step that still raises Q."""
+    counts = responsibilities.sum(axis=0)
+    return lem.PoissonMixtureParams(counts / counts.sum(), 1.05 * (responsibilities.T @ x) / counts[:, None])
+
+
+def m_step_weights_mixed_up(x, responsibilities, params):
+    """Planted mistake 5: mixing weights a tenth of the way to the other component's."""
+    counts = responsibilities.sum(axis=0)
+    weights = counts / counts.sum()
+    return lem.PoissonMixtureParams(
+        0.9 * weights + 0.1 * weights[::-1], responsibilities.T @ x / counts[:, None]
+    )
+
+
+def test_m_step_is_checked_without_unconstrained_coordinates(counts):
+    """The README's minimal model has no to_unconstrained/from_unconstrained, so no
+    gradient check: the slopes of Q along chords to other valid parameters (init's)
+    still flag an M-step that improves Q without maximising it, for every key, and
+    pass the correct one."""
+    plain = BASE._replace(to_unconstrained=None, from_unconstrained=None)
+    planted = (wrong_m_step, m_step_rates_too_large, m_step_weights_mixed_up)
+    for seed in range(3):
+        key = jax.random.key(seed)
+        correct = lem.check_model(plain, key, counts, n_samples=500)
+        assert correct.passed, str(correct)
+        for m_step in planted:
+            report = lem.check_model(plain._replace(m_step=m_step), key, counts, n_samples=500)
+            finding = report["m_step_improves"]
+            assert finding.passed is False, (m_step.__name__, finding.message)
+            assert "is not the maximiser of the expected complete-data log-likelihood" in finding.message
+            if m_step is not wrong_m_step:  # Q is higher there than at the input: only a slope shows it
+                assert "Q rises from m_step's output" in finding.message
+
+
 def test_report_reads_in_plain_words_and_can_raise(reports):
     text = str(reports["weights_ignored"])
     assert text.startswith("check_model: 1 check(s) failed")
