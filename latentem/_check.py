@@ -940,9 +940,11 @@ def check_model(
     ``m_step_improves``
       on random posteriors :math:`R`, :math:`Q(\theta; R)` at ``m_step``'s output is no
       lower than at its input or at random nearby points, and its slope along the
-      chords toward other valid parameters (``init``'s, four keys) is not positive
-      (beyond the tolerance of ``m_step_stationary``): parameter sets of mixtures are
-      convex, so this needs no unconstrained coordinates.
+      chords toward other valid parameters (``init``'s, four keys) is not positive,
+      nor negative where Q is finite just behind the output (beyond the tolerance of
+      ``m_step_stationary``). Parameter sets of mixtures are convex, so this needs no
+      unconstrained coordinates; a model whose parameters do not form a convex set
+      (orthonormal loadings, say) may fail it falsely.
     ``m_step_stationary``
       there, :math:`\nabla Q = 0` (autodiff, unconstrained coordinates), to ``1e-4``
       (float64) or ``1.2e-3`` (float32) of its size at a point 5% away; for models
