@@ -181,6 +181,23 @@ class FusedPrepareFn(Protocol):
     def __call__(self, x: Array, weights: Array) -> Any: ...
 
 
+class CheckDataFn(Protocol):
+    """Refuse data the model cannot fit, before anything is compiled.
+
+    ``check_data(x) -> None`` raises a ``ValueError`` that says what to change when the
+    values of ``x`` lie outside the model's support (counts that are negative, binary
+    data that are not 0 or 1, category codes out of range). The engine calls it on
+    concrete data only, at the entry of :func:`latentem.fit`, :func:`latentem.fit_em`,
+    :func:`latentem.em_step`, :func:`latentem.fit_gradient` and
+    :func:`latentem.check_model`, whose programs are compiled, so that such data give
+    an error rather than a fit that ends ``Status.NONFINITE``. Under ``jit`` or
+    ``vmap`` it is not called (the data are not known) and the compiled fit reports the
+    status instead, as :func:`latentem.fit_batch` does for every dataset of a batch.
+    """
+
+    def __call__(self, x: Array) -> None: ...
+
+
 class LatentModel(NamedTuple):
     """A latent variable model as a tuple of pure functions.
 
@@ -206,6 +223,8 @@ class LatentModel(NamedTuple):
         optional.
       fused_prepare: :class:`FusedPrepareFn`, the data-only part of ``fused_step``,
         evaluated once per fit; optional (needs ``fused_step``).
+      check_data: :class:`CheckDataFn`, refuses data outside the model's support
+        with a ``ValueError`` before a fit is compiled; optional.
 
     Example:
       A mixture of Poisson distributions (count data, one rate per component and
@@ -238,6 +257,7 @@ class LatentModel(NamedTuple):
     from_unconstrained: FromUnconstrainedFn | None = None
     fused_step: FusedStepFn | None = None
     fused_prepare: FusedPrepareFn | None = None
+    check_data: CheckDataFn | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -532,6 +552,12 @@ def is_concrete(*arrays: Any) -> bool:
     """True when no argument is a tracer, so values can be checked on the host."""
     leaves = jax.tree_util.tree_leaves(arrays)
     return not any(isinstance(leaf, jax.core.Tracer) for leaf in leaves)
+
+
+def check_model_data(model: LatentModel, x: Array) -> None:
+    """The model's own ``check_data`` on ``x``, when it has one and ``x`` is concrete."""
+    if model.check_data is not None and is_concrete(x):
+        model.check_data(x)
 
 
 def float_dtype(x: Array) -> np.dtype:

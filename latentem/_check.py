@@ -44,6 +44,7 @@ from latentem._base import (
     Params,
     PRNGKey,
     check_key,
+    check_model_data,
     check_positive_int,
     check_weights,
     check_x,
@@ -999,6 +1000,7 @@ def check_model(
     if not isinstance(model, LatentModel):
         raise ValueError(f"check_model needs a LatentModel; got {type(model).__name__}.")
     x = check_x(x)
+    check_model_data(model, x)
     weights = check_weights(weights, x.shape[0], float_dtype(x))
     n_samples = check_positive_int(n_samples, "n_samples", minimum=10)
     n_em_steps = check_positive_int(n_em_steps, "n_em_steps")

@@ -29,6 +29,7 @@ from latentem._base import (
     PRNGKey,
     Status,
     check_key,
+    check_model_data,
     check_nonnegative,
     check_positive_int,
     check_weights,
@@ -203,6 +204,7 @@ def em_step(
       (2, 1)
     """
     x, weights = _prepare(x, weights)
+    check_model_data(model, x)
     new_params, objective, _ = _em_iteration(model, params, x, weights, weights.sum(), prepared=None)
     return new_params, objective
 
@@ -369,6 +371,7 @@ def fit_em(
       EM algorithm. JRSS B 39(1).
     """
     x, weights = _prepare(x, weights)
+    check_model_data(model, x)
     max_iter = check_positive_int(max_iter, "max_iter", minimum=0)
     check_nonnegative(tol, "tol")
     total_weight = weights.sum()
@@ -472,7 +475,8 @@ def fit(
     ``jax.vmap(functools.partial(lem.fit, model))`` fits a batch of datasets.
 
     Called eagerly, ``fit`` checks its inputs (``ValueError`` for NaN rows, bad shapes,
-    negative weights, fewer weighted samples than components) and warns with a
+    negative weights, fewer weighted samples than components, and values outside the
+    model's support through its ``check_data``) and warns with a
     :class:`ConvergenceWarning` when the chosen fit did not converge cleanly.
 
     Args:
@@ -502,6 +506,7 @@ def fit(
     max_iter = check_positive_int(max_iter, "max_iter", minimum=0)
     check_nonnegative(tol, "tol")
     if is_concrete(x, weights):
+        check_model_data(model, x)
         check_enough_samples(model, key, x, weights)
     result = _fit_compiled(model, key, x, weights, tol, n_init=n_init, max_iter=max_iter, callback=callback)
     if is_concrete(result.status):

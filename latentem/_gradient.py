@@ -22,6 +22,7 @@ from latentem._base import (
     LatentModel,
     Params,
     Status,
+    check_model_data,
     check_nonnegative,
     check_positive_int,
     is_concrete,
@@ -218,6 +219,7 @@ def fit_gradient(
     _require_bijection(model)
     _check_optimizer(optimizer)
     x, weights = _prepare(x, weights)
+    check_model_data(model, x)
     num_steps = check_positive_int(num_steps, "num_steps", minimum=0)
     expect_convergence = tol is not None
     if tol is None:

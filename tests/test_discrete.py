@@ -7,6 +7,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from scipy import stats
 from scipy.optimize import linear_sum_assignment
@@ -307,6 +308,50 @@ def test_category_codes_outside_the_support_are_refused_or_impossible(dtype):
     params = lem.CategoricalMixtureParams(jnp.asarray([0.5, 0.5], dtype), probabilities)
     log_joint = np.asarray(jax.jit(model.log_joint)(params, x))
     assert np.all(np.isneginf(log_joint[0])) and np.all(np.isfinite(log_joint[1:]))
+
+
+OUTSIDE_THE_SUPPORT = {
+    "bernoulli": (lem.bernoulli_mixture(2), lambda rng: rng.integers(0, 2, (12, 3)), 2, "binary"),
+    "poisson": (lem.poisson_mixture(2), lambda rng: rng.poisson(3.0, (12, 3)), -1, "counts"),
+    "categorical": (
+        lem.categorical_mixture(2, 3),
+        lambda rng: rng.integers(0, 3, (12, 3)),
+        3,
+        "category codes",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(OUTSIDE_THE_SUPPORT))
+def test_compiled_fits_refuse_data_outside_the_support(name, dtype):
+    # fit, fit_gradient and check_model compile the whole fit, where the model's own
+    # checks see no values: the engine calls its check_data first. Without it they ended
+    # Status.NONFINITE with a warning (fit) or a failed report (check_model).
+    model, draw, bad_value, message = OUTSIDE_THE_SUPPORT[name]
+    good = np.asarray(draw(np.random.default_rng(0)), dtype)
+    bad = good.copy()
+    bad[7, 1] = bad_value
+    key = jax.random.key(0)
+    params = lem.fit(model, key, good).params
+    calls = {
+        "fit": lambda x: lem.fit(model, key, x),
+        "fit hard_em": lambda x: lem.fit(lem.hard_em(model), key, x),
+        "fit_em": lambda x: lem.fit_em(model, params, x),
+        "em_step": lambda x: lem.em_step(model, params, x),
+        "fit_gradient": lambda x: lem.fit_gradient(model, params, x, optax.adam(0.1), num_steps=3),
+        "check_model": lambda x: lem.check_model(model, key, x),
+    }
+    for call_name, call in calls.items():
+        call(good)
+        with pytest.raises(ValueError, match=f"{message}.*row 7, column 1"):
+            call(bad)
+    # Where the data are not known (under jit, or one dataset of a batch), the compiled
+    # fit reports the status instead, and the other datasets of a batch are untouched.
+    assert int(jax.jit(lambda x: lem.fit(model, key, x).status)(bad)) == lem.Status.NONFINITE
+    with pytest.warns(lem.ConvergenceWarning, match="1 of 2 fits"):
+        batch = lem.fit_batch(model, key, np.stack([good, bad]))
+    assert batch.status.tolist()[1] == lem.Status.NONFINITE
+    assert batch.status.tolist()[0] != lem.Status.NONFINITE
 
 
 def test_invalid_arguments_are_refused():

@@ -163,6 +163,18 @@ def _check_values(x: Array, kind: str, upper: np.ndarray | None = None) -> None:
         raise ValueError(f"{hint} Found {values[row, column]!r} at row {row}, column {column}.")
 
 
+def _check_binary(x: Array) -> None:
+    """The Bernoulli mixture's ``check_data``."""
+    _check_features(x, None)
+    _check_values(x, "binary")
+
+
+def _check_counts(x: Array) -> None:
+    """The Poisson mixture's ``check_data``."""
+    _check_features(x, None)
+    _check_values(x, "count")
+
+
 def _outside_support(valid: Array) -> Array:
     """0 for a sample inside the support, -inf outside: its probability is zero under every
     component, so compiled fits on invalid data end with ``Status.NONFINITE``."""
@@ -331,8 +343,7 @@ def _bernoulli_mixture(n_components: int, smoothing: float, init: str) -> Latent
         return BernoulliMixtureParams(_mixture_weights(counts, smoothing), probabilities)
 
     def initialize(key: PRNGKey, x: Array, weights: Array) -> BernoulliMixtureParams:
-        _check_features(x, None)
-        _check_values(x, "binary")
+        _check_binary(x)
         features = jnp.asarray(x, float_dtype(x))
         return _initial_params(
             key, features, features, weights, n_components, init, estimate, m_step, BernoulliMixtureParams
@@ -373,6 +384,7 @@ def _bernoulli_mixture(n_components: int, smoothing: float, init: str) -> Latent
         log_prior=log_prior if smoothing > 0 else None,
         to_unconstrained=to_unconstrained,
         from_unconstrained=from_unconstrained,
+        check_data=_check_binary,
     )
 
 
@@ -559,6 +571,7 @@ def _categorical_mixture(
         log_prior=log_prior if smoothing > 0 else None,
         to_unconstrained=to_unconstrained,
         from_unconstrained=from_unconstrained,
+        check_data=functools.partial(check_data, n_variables=None),
     )
 
 
@@ -643,8 +656,7 @@ def _poisson_mixture(n_components: int, smoothing: float, init: str) -> LatentMo
         )
 
     def initialize(key: PRNGKey, x: Array, weights: Array) -> PoissonMixtureParams:
-        _check_features(x, None)
-        _check_values(x, "count")
+        _check_counts(x)
         features = jnp.asarray(x, float_dtype(x))
         return _initial_params(
             key, features, features, weights, n_components, init, estimate, m_step, PoissonMixtureParams
@@ -681,4 +693,5 @@ def _poisson_mixture(n_components: int, smoothing: float, init: str) -> LatentMo
         log_prior=log_prior if smoothing > 0 else None,
         to_unconstrained=to_unconstrained,
         from_unconstrained=from_unconstrained,
+        check_data=_check_counts,
     )
