@@ -752,6 +752,15 @@ def check_nonnegative(value: Any, name: str) -> Any:
     return value
 
 
+def check_callback(callback: Any) -> Any:
+    """Raise a ``ValueError`` unless ``callback`` is ``None`` or callable."""
+    if callback is not None and not callable(callback):
+        raise ValueError(
+            f"callback must be a function callback(iteration, objective) or None; got {callback!r}."
+        )
+    return callback
+
+
 def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
     """Raise a ``ValueError`` unless ``value`` is one of ``choices``."""
     if value not in choices:

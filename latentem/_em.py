@@ -28,6 +28,7 @@ from latentem._base import (
     Posterior,
     PRNGKey,
     Status,
+    check_callback,
     check_key,
     check_model_data,
     check_nonnegative,
@@ -374,6 +375,7 @@ def fit_em(
     check_model_data(model, x)
     max_iter = check_positive_int(max_iter, "max_iter", minimum=0)
     check_nonnegative(tol, "tol")
+    check_callback(callback)
     total_weight = weights.sum()
     # Outside the loop: XLA does not reliably hoist it (see FusedPrepareFn).
     prepared = _fused_prepare(model, x, weights)
@@ -505,6 +507,7 @@ def fit(
     n_init = check_positive_int(n_init, "n_init")
     max_iter = check_positive_int(max_iter, "max_iter", minimum=0)
     check_nonnegative(tol, "tol")
+    check_callback(callback)
     if is_concrete(x, weights):
         check_model_data(model, x)
         check_enough_samples(model, key, x, weights)

@@ -22,6 +22,7 @@ from latentem._base import (
     LatentModel,
     Params,
     Status,
+    check_callback,
     check_model_data,
     check_nonnegative,
     check_positive_int,
@@ -225,6 +226,7 @@ def fit_gradient(
     if tol is None:
         tol = 0.0  # |change| < 0 never holds: run every step
     check_nonnegative(tol, "tol")
+    check_callback(callback)
     result = _fit_gradient_compiled(
         model, optimizer, params, x, weights, tol, num_steps=num_steps, callback=callback
     )

@@ -13,6 +13,7 @@ import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from scipy import stats
 from sklearn.mixture import GaussianMixture
@@ -89,6 +90,7 @@ def test_wrong_dimensions_say_the_expected_shape(three_blobs):
 
 
 def test_bad_arguments_name_the_argument_and_value(three_blobs):
+    params = MODEL.init(jax.random.key(0), three_blobs, jnp.ones(len(three_blobs)))
     cases = [
         (lambda: lem.gaussian_mixture(0), "n_components must be an integer >= 1; got 0"),
         (lambda: lem.gaussian_mixture(2.5), "n_components"),
@@ -120,6 +122,18 @@ def test_bad_arguments_name_the_argument_and_value(three_blobs):
         (
             lambda: lem.fit(MODEL, jax.random.key(0), three_blobs, weights=np.r_[1.0, 1.0, np.zeros(118)]),
             "2 sample\\(s\\) with positive weight but the model has 3 components",
+        ),
+        (
+            lambda: lem.fit(MODEL, jax.random.key(0), three_blobs, callback=[print]),
+            "callback must be a function callback\\(iteration, objective\\) or None; got \\[",
+        ),
+        (
+            lambda: lem.fit_em(MODEL, params, three_blobs, callback="tqdm"),
+            "callback must be a function .*got 'tqdm'",
+        ),
+        (
+            lambda: lem.fit_gradient(MODEL, params, three_blobs, optax.adam(0.1), callback=1),
+            "callback must be a function .*got 1",
         ),
     ]
     for call, message in cases:

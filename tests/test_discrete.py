@@ -345,6 +345,7 @@ def test_compiled_fits_refuse_data_outside_the_support(name, dtype):
         call(good)
         with pytest.raises(ValueError, match=f"{message}.*row 7, column 1"):
             call(bad)
+            raise AssertionError(f"{call_name} accepted data outside the support")
     # Where the data are not known (under jit, or one dataset of a batch), the compiled
     # fit reports the status instead, and the other datasets of a batch are untouched.
     assert int(jax.jit(lambda x: lem.fit(model, key, x).status)(bad)) == lem.Status.NONFINITE
