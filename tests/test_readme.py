@@ -72,3 +72,4 @@ def test_every_other_section_runs(tmp_path, monkeypatch):
     np.testing.assert_allclose(float(namespace["lbfgs"].log_likelihood), -4.1554, atol=1e-3)
     assert namespace["x_padded"].shape[0] == 3 and namespace["results"].status.shape == (1000,)
     assert namespace["x_sharded"].shape == namespace["x"].shape
+    assert namespace["sharded_results"].status.tolist() == [lem.Status.CONVERGED] * 64

@@ -1,4 +1,5 @@
-"""Data-parallel fits: x sharded over devices (jax.sharding) gives the unsharded result.
+"""Data-parallel fits: x sharded over devices (jax.sharding) gives the unsharded result,
+over the samples of one dataset (fit_em, fit) or over the datasets of a batch (fit_batch).
 
 Run in a subprocess with four virtual CPU devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=4``), since the device count is
@@ -84,6 +85,24 @@ SCRIPT = textwrap.dedent(
             "status": [int(sharded.status), int(plain.status)],
             "all_reduce": "all-reduce" in program,
         }
+
+    # A batch of datasets sharded over devices: each device fits its own datasets.
+    by_dataset = Mesh(np.array(jax.devices()), ("datasets",))
+    batch = jnp.asarray(rng.standard_normal((8, 200, 2)) + rng.choice([0.0, 6.0], (8, 200, 1)), dtype)
+    batch_weights = jnp.asarray(rng.integers(0, 3, (8, 200)), dtype)
+    batch_sharded = jax.device_put(batch, NamedSharding(by_dataset, P("datasets", None, None)))
+    batch_weights_sharded = jax.device_put(batch_weights, NamedSharding(by_dataset, P("datasets", None)))
+    model = lem.gaussian_mixture(2)
+    options = dict(n_init=2, max_iter=30, tol=0.0)
+    plain = lem.fit_batch(model, jax.random.key(2), batch, weights=batch_weights, **options)
+    sharded = lem.fit_batch(model, jax.random.key(2), batch_sharded, weights=batch_weights_sharded, **options)
+    report["fit_batch"] = {
+        "difference": difference(sharded.params, plain.params),
+        "objective": float(jnp.max(jnp.abs(sharded.log_likelihood - plain.log_likelihood))),
+        "status": [sharded.status.tolist(), plain.status.tolist()],
+        "result_devices": len(sharded.params.means.sharding.device_set),
+        "result_spec": str(sharded.params.means.sharding.spec),
+    }
     print(json.dumps(report))
     """
 )
@@ -106,3 +125,8 @@ def test_sharded_fit_equals_unsharded():
         assert result["fit"] < tolerance, result
         assert result["n_iter"] == [30, 30] and result["status"][0] == result["status"][1]
         assert result["all_reduce"], "the sharded fit did not reduce across devices"
+    # A batch sharded over datasets gives the unsharded batch's fits, and stays sharded.
+    batch = report["fit_batch"]
+    assert batch["difference"] < tolerance and batch["objective"] < tolerance, batch
+    assert batch["status"][0] == batch["status"][1], batch
+    assert batch["result_devices"] == 4 and "datasets" in batch["result_spec"], batch
