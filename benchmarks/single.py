@@ -11,6 +11,7 @@ interleaved rounds (see ``per_iteration``), each taking its best round.
     python benchmarks/single.py                 # CPU table, float32 and float64
     python benchmarks/single.py --quick         # small sizes, a smoke run
     python benchmarks/single.py --memory        # the (1e6, 32, 64) float32 memory check
+    python benchmarks/single.py --diagonal      # diagonal and spherical fits (CPU)
     python benchmarks/single.py --gpu           # GPU per-iteration times, FLOP/s and accuracy
     python benchmarks/single.py --gpu --quick   # the same table at a small size (any backend)
 """
@@ -97,15 +98,25 @@ def per_iteration(
     return {name: (best[name, longs[name]] - best[name, short]) / (longs[name] - short) for name in runners}
 
 
-def latentem_runner(x, weights, means, covariances, dtype, moments="auto"):
+def of_type(covariances, covariance_type):
+    """The shared full start covariances as ``covariance_type``'s (their diagonals, or
+    the mean of each diagonal)."""
+    if covariance_type == "full":
+        return covariances
+    variances = np.diagonal(covariances, axis1=1, axis2=2)
+    return variances.copy() if covariance_type == "diag" else variances.mean(axis=1)
+
+
+def latentem_runner(x, weights, means, covariances, dtype, moments="auto", covariance_type="full"):
     """``run(iterations)``: a compiled fit of that many iterations from the shared start."""
     import jax.numpy as jnp
 
     import latentem as lem
 
     model = lem.gaussian_mixture(
-        means.shape[0], "full", reg_covar=1e-6, reg_covar_mode="absolute", moments=moments
+        means.shape[0], covariance_type, reg_covar=1e-6, reg_covar_mode="absolute", moments=moments
     )
+    covariances = of_type(covariances, covariance_type)
     xj = jnp.asarray(x, dtype)
     params = lem.GaussianMixtureParams(*(jnp.asarray(a, dtype) for a in (weights, means, covariances)))
     compiled = {}
@@ -121,7 +132,7 @@ def latentem_runner(x, weights, means, covariances, dtype, moments="auto"):
     return run
 
 
-def sklearn_runner(x, weights, means, covariances, dtype, blas_threads=None):
+def sklearn_runner(x, weights, means, covariances, dtype, blas_threads=None, covariance_type="full"):
     """``(run, score)``: ``run(iterations)`` is scikit-learn's fit of that many iterations
     from the shared start, ``score(fit)`` its mean log-likelihood of the data.
 
@@ -132,12 +143,13 @@ def sklearn_runner(x, weights, means, covariances, dtype, blas_threads=None):
     from threadpoolctl import threadpool_limits
 
     xs = np.asarray(x, dtype)
-    precisions = np.linalg.inv(covariances)
+    covariances = of_type(covariances, covariance_type)
+    precisions = np.linalg.inv(covariances) if covariance_type == "full" else 1 / covariances
 
     def run(iterations):
         gm = GaussianMixture(
             means.shape[0],
-            covariance_type="full",
+            covariance_type=covariance_type,
             tol=0.0,
             max_iter=iterations,
             init_params="random_from_data",
@@ -293,6 +305,54 @@ def cpu_table(sizes, dtypes, short, long, repeat):
         )
 
 
+def diagonal_table(sizes, dtypes, short, long, repeat):
+    """Diagonal and spherical fits, per iteration: latentem ("auto": on a CPU the
+    expanded moments for large float64 fits, the centred ones for float32), latentem
+    with moments="centred" and with moments="expanded", and scikit-learn."""
+    rows = []
+    for dtype in dtypes:
+        for n, d, k in sizes:
+            x, weights, means, covariances = make_data(n, d, k)
+            for covariance_type in ("diag", "spherical"):
+                start = (x, weights, means, covariances, dtype)
+                runners = {
+                    "latentem": latentem_runner(*start, covariance_type=covariance_type),
+                    "centred": latentem_runner(*start, "centred", covariance_type=covariance_type),
+                    "expanded": latentem_runner(*start, "expanded", covariance_type=covariance_type),
+                }
+                sk_run, sk_score = sklearn_runner(*start, covariance_type=covariance_type)
+                runners["sklearn"] = sk_run
+                seconds = per_iteration(runners, short, long, repeat)
+                rows.append(
+                    {
+                        "dtype": np.dtype(dtype).name,
+                        "size": (n, d, k),
+                        "type": covariance_type,
+                        "ms": {name: 1e3 * value for name, value in seconds.items()},
+                        "loglik": (
+                            *(float(runners[name](long).log_likelihood) for name in ("centred", "expanded")),
+                            sk_score(sk_run(long)),
+                        ),
+                    }
+                )
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    print(
+        "| dtype | (n, d, k) | type | latentem (auto) ms/iter | centred | expanded | scikit-learn "
+        "| auto vs scikit-learn | expanded vs scikit-learn | expanded vs centred "
+        "| final mean log-lik. (centred, expanded, scikit-learn) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ms = r["ms"]
+        print(
+            f"| {r['dtype']} | {r['size']} | {r['type']} | {ms['latentem']:.2f} | {ms['centred']:.2f} "
+            f"| {ms['expanded']:.2f} | {ms['sklearn']:.2f} | {ms['sklearn'] / ms['latentem']:.1f}x "
+            f"| {ms['sklearn'] / ms['expanded']:.1f}x | {ms['centred'] / ms['expanded']:.1f}x | "
+            + ", ".join(f"{v:.6f}" for v in r["loglik"])
+            + " |"
+        )
+
+
 def memory_child(n: int, d: int, k: int, iterations: int) -> None:
     """Run one fixed-iteration fit and report peak RSS and XLA's memory analysis (JSON)."""
     import jax
@@ -408,6 +468,9 @@ def main() -> None:
     parser.add_argument(
         "--gpu", action="store_true", help="GPU per-iteration times at (1e6, 32, 64) and (1e6, 8, 16)"
     )
+    parser.add_argument(
+        "--diagonal", action="store_true", help="diagonal and spherical fits against scikit-learn (CPU)"
+    )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--memory-child", nargs=4, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -425,6 +488,15 @@ def main() -> None:
     import jax
 
     print(f"CPU: {os.cpu_count()} cores, jax {jax.__version__}, device {jax.devices()[0].device_kind}")
+    if args.diagonal:
+        if args.quick:
+            diagonal_table([(20_000, 8, 8)], [np.float32], 2, 5, 1)
+            return
+        sizes = [(100_000, 8, 8), (100_000, 32, 16), (100_000, 100, 10)]
+        diagonal_table(sizes, [np.float32], 3, 13, args.repeat)
+        jax.config.update("jax_enable_x64", True)
+        diagonal_table(sizes, [np.float64], 3, 13, args.repeat)
+        return
     if args.quick:
         cpu_table([(20_000, 8, 8)], [np.float32], 2, 5, 1)
         return

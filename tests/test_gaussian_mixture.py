@@ -2,6 +2,7 @@
 
 import functools
 import importlib
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -752,12 +753,161 @@ def test_check_model_passes_the_expanded_step(dtype):
     assert report["fused_step"].passed is True, str(report)
 
 
+def diagonal_case(covariance_type, separation, seed, start_at_truth=False):
+    """``expanded_case`` with diagonal (or spherical) start covariances."""
+    x, weights, (mixing_weights, means, covariances) = expanded_case(
+        separation=separation, seed=seed, start_at_truth=start_at_truth
+    )
+    variances = np.diagonal(covariances, axis1=1, axis2=2).copy()
+    if covariance_type == "spherical":
+        variances = variances.mean(axis=1)
+    return x, weights, (mixing_weights, means, variances)
+
+
+def numpy_diagonal_em_iteration(x, weights, start, reg_covar, covariance_type):
+    """One weighted EM iteration of a diagonal or spherical mixture in float64, densities
+    from SciPy: (params, sum w log p)."""
+    mixing_weights, means, variances = start
+    by_feature = variances if covariance_type == "diag" else np.repeat(variances[:, None], x.shape[1], 1)
+    log_joint = np.stack(
+        [
+            np.log(mixing_weights[k]) + stats.norm(means[k], np.sqrt(by_feature[k])).logpdf(x).sum(axis=1)
+            for k in range(len(mixing_weights))
+        ],
+        axis=1,
+    )
+    log_p = np.logaddexp.reduce(log_joint, axis=1)
+    r = weights[:, None] * np.exp(log_joint - log_p[:, None])
+    counts = r.sum(0)
+    new_means = r.T @ x / counts[:, None]
+    new_variances = np.stack(
+        [(r[:, k, None] * (x - new_means[k]) ** 2).sum(0) / counts[k] for k in range(len(counts))]
+    )
+    if covariance_type == "spherical":
+        new_variances = new_variances.mean(axis=1)
+    return (counts / counts.sum(), new_means, new_variances + reg_covar), np.sum(weights * log_p)
+
+
+def diagonal_rounding(x, weights, params):
+    module = importlib.import_module("latentem.models.gaussian_mixture")
+    xw = jnp.asarray(weights, params.means.dtype)
+    reference = (xw @ jnp.asarray(x, params.means.dtype)) / xw.sum()
+    return float(module._diagonal_expanded_rounding(params, reference))
+
+
+@pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
+def test_diagonal_expanded_iteration_matches_numpy(covariance_type, dtype):
+    """One diagonal (spherical) iteration with moments="expanded", where the guard passes,
+    equals a float64 NumPy/SciPy iteration: to 1e-10 in float64, to 2e-5 of the largest
+    entry in float32."""
+    module = importlib.import_module("latentem.models.gaussian_mixture")
+    x, weights, start = diagonal_case(covariance_type, separation=8, seed=0)
+    model = lem.gaussian_mixture(
+        3, covariance_type, reg_covar=1e-6, reg_covar_mode="absolute", moments="expanded"
+    )
+    params = to_params(*start, dtype)
+    xj, wj = jnp.asarray(x, dtype), jnp.asarray(weights, dtype)
+    assert isinstance(model.fused_prepare(xj, wj), module._DiagonalExpandedData)
+    assert diagonal_rounding(x, weights, params) <= module._EXPANDED_MAX_ROUNDING
+    for prepared in (None, model.fused_prepare(xj, wj)):  # em_step's call, and fit_em's
+        new_params, log_likelihood, state_mass = jax.jit(model.fused_step)(params, xj, wj, prepared)
+        (weights_ref, means_ref, variances_ref), log_likelihood_ref = numpy_diagonal_em_iteration(
+            x, weights, start, 1e-6, covariance_type
+        )
+        rtol = rtol_for(dtype, 1e-10, 2e-5)
+        for value, reference in (
+            (new_params.weights, weights_ref),
+            (new_params.means, means_ref),
+            (new_params.covariances, variances_ref),
+            (state_mass / weights.sum(), weights_ref),
+        ):
+            error = np.max(np.abs(np.asarray(value, np.float64) - reference)) / np.max(np.abs(reference))
+            assert error <= rtol, f"relative error {error:.2g} > {rtol:.0g}"
+        assert abs(float(log_likelihood) - log_likelihood_ref) <= rtol * abs(log_likelihood_ref)
+
+
+@pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
+def test_diagonal_expanded_fit_equals_centred_fit(covariance_type, dtype):
+    """Twenty iterations of each from the same start against twenty float64 NumPy/SciPy
+    iterations (1e-9 in float64, 1e-4 in float32), and to each other in float64."""
+    x, weights, start = diagonal_case(covariance_type, separation=8, seed=1)
+    reference = start
+    for _ in range(20):
+        reference, _ = numpy_diagonal_em_iteration(x, weights, reference, 1e-6, covariance_type)
+    fits = {}
+    for moments in ("expanded", "centred"):
+        model = lem.gaussian_mixture(
+            3, covariance_type, reg_covar=1e-6, reg_covar_mode="absolute", moments=moments
+        )
+        fits[moments] = twenty_iterations_against_numpy(model, x, weights, start, reference, dtype, moments)
+    if dtype == np.float64:
+        scale = float(np.abs(fits["centred"].params.covariances).max())
+        assert_trees_all_close(
+            fits["expanded"].params, fits["centred"].params, rtol=1e-10, atol=1e-10 * scale
+        )
+
+
+def test_diagonal_expanded_iteration_falls_back_to_centred_where_it_would_lose_digits(dtype):
+    """Clusters about 400 standard deviations apart: in float32 the guard exceeds its
+    limit and the iteration is the centred one, where the expanded moments alone lose
+    digits; in float64 the expansion stays accurate and is taken."""
+    module = importlib.import_module("latentem.models.gaussian_mixture")
+    x, weights, start = diagonal_case("diag", separation=400, seed=2, start_at_truth=True)
+    params = to_params(*start, dtype)
+    options = dict(reg_covar=1e-6, reg_covar_mode="absolute")
+    model = lem.gaussian_mixture(3, "diag", moments="expanded", **options)
+    centred = lem.gaussian_mixture(3, "diag", moments="centred", **options)
+    xj, wj = jnp.asarray(x, dtype), jnp.asarray(weights, dtype)
+    fused = jax.jit(model.fused_step)(params, xj, wj)
+    engine = jax.jit(lambda p, x, w: lem.em_step(centred, p, x, weights=w))(params, xj, wj)
+    (_, _, variances_ref), _ = numpy_diagonal_em_iteration(x, weights, start, 1e-6, "diag")
+    rounding = diagonal_rounding(x, weights, params)
+    if dtype == np.float32:
+        assert rounding > module._EXPANDED_MAX_ROUNDING
+        assert_trees_all_close(fused[0], engine[0], rtol=1e-6, atol=1e-6 * float(np.abs(variances_ref).max()))
+        data = module._diagonal_expanded_data(xj, wj)
+        moments = module._diagonal_expanded_moments(data.features, wj, params, data.reference)
+        variances = np.asarray(moments.scatter / moments.counts[:, None], np.float64)
+        assert np.max(np.abs(variances - variances_ref)) > 1e-4 * np.abs(variances_ref).max()
+    else:
+        assert rounding <= module._EXPANDED_MAX_ROUNDING
+    error = np.max(np.abs(np.asarray(fused[0].covariances, np.float64) - variances_ref))
+    assert error <= rtol_for(dtype, 1e-9, 1e-5) * np.abs(variances_ref).max()
+
+
+def test_batched_diagonal_expanded_fits_equal_solo_fits(dtype):
+    """A batch with one member that falls back to the centred iteration equals the solo fits."""
+    cases = [
+        diagonal_case("diag", separation=s, seed=10 + i, start_at_truth=True)
+        for i, s in enumerate((8, 400, 8))
+    ]
+    model = lem.gaussian_mixture(3, "diag", reg_covar=1e-6, reg_covar_mode="absolute", moments="expanded")
+    x = jnp.asarray(np.stack([c[0] for c in cases]), dtype)
+    weights = jnp.asarray(np.stack([c[1] for c in cases]), dtype)
+    starts = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[to_params(*c[2], dtype) for c in cases])
+    fit = functools.partial(lem.fit_em, model, max_iter=8, tol=0.0)
+    batched = jax.jit(jax.vmap(lambda p, x, w: fit(p, x, weights=w)))(starts, x, weights)
+    for i in range(len(cases)):
+        solo = fit(jax.tree_util.tree_map(lambda a, i=i: a[i], starts), x[i], weights=weights[i])
+        member = jax.tree_util.tree_map(lambda a, i=i: a[i], batched.params)
+        scale = float(np.abs(solo.params.covariances).max())
+        assert_trees_all_close(member, solo.params, rtol=rtol_for(dtype, 1e-10, 1e-4), atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
+def test_check_model_passes_the_diagonal_expanded_step(covariance_type, dtype):
+    x, _, _ = expanded_case(separation=8, seed=3, n_samples=1000)
+    model = lem.gaussian_mixture(3, covariance_type, reg_covar_mode="absolute", moments="expanded")
+    report = lem.check_model(model, jax.random.key(0), jnp.asarray(x, dtype), n_samples=1000)
+    assert report["fused_step"].passed is True, str(report)
+
+
 def test_moments_choice_and_size_rule():
     module = importlib.import_module("latentem.models.gaussian_mixture")
     with pytest.raises(ValueError, match="moments must be one of"):
         lem.gaussian_mixture(2, moments="fast")
-    with pytest.raises(ValueError, match='moments="expanded" is for covariance_type="full"'):
-        lem.gaussian_mixture(2, "diag", moments="expanded")
+    with pytest.raises(ValueError, match='moments="expanded" is for covariance_type "full", "diag" or'):
+        lem.gaussian_mixture(2, "tied", moments="expanded")
     if jax.default_backend() not in module._EXPANDED_BACKENDS:  # "auto": centred here
         model = lem.gaussian_mixture(2)
         x, weights = jnp.zeros((1000, 8)), jnp.ones(1000)
@@ -766,6 +916,24 @@ def test_moments_choice_and_size_rule():
             model.fused_step is None
             or model.fused_step(to_params(*_two_components(8), x.dtype), x, weights) is None
         )
+    # Float64 diagonal and spherical fits of at least 2^18 values n k d expand their
+    # moments on a CPU; smaller ones, float32 ones and "centred" keep the deviations,
+    # and "expanded" expands any.
+    if jax.default_backend() in module._DIAGONAL_EXPANDED_BACKENDS:
+        dtypes = (np.float32, np.float64) if jax.config.jax_enable_x64 else (np.float32,)
+        for covariance_type, dtype in itertools.product(("diag", "spherical"), dtypes):
+            for n_samples, moments, expanded in [
+                (100_000, "auto", dtype == np.float64),
+                (16_384, "auto", dtype == np.float64),
+                (16_383, "auto", False),
+                (100_000, "centred", False),
+                (1000, "expanded", True),
+            ]:
+                model = lem.gaussian_mixture(2, covariance_type, moments=moments)
+                x, weights = jnp.zeros((n_samples, 8), dtype), jnp.ones(n_samples, dtype)
+                prepared = None if model.fused_prepare is None else model.fused_prepare(x, weights)
+                case = (covariance_type, dtype, n_samples, moments)
+                assert isinstance(prepared, module._DiagonalExpandedData) == expanded, case
     # Large full and tied float32 fits on a CPU skip components block by block; float64
     # fits, small fits and fits whose scatter is formed by entries do not.
     if jax.default_backend() == "cpu":

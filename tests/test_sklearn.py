@@ -254,8 +254,8 @@ def test_errors_say_what_to_change():
         GaussianMixture(init_params="best").fit(x)
     with pytest.raises(ValueError, match="moments"):
         GaussianMixture(moments="fast").fit(x)
-    with pytest.raises(ValueError, match='moments="expanded" is for covariance_type="full"'):
-        GaussianMixture(covariance_type="diag", moments="expanded").fit(x)
+    with pytest.raises(ValueError, match='moments="expanded" is for covariance_type "full", "diag" or'):
+        GaussianMixture(covariance_type="tied", moments="expanded").fit(x)
     with pytest.raises(ValueError, match="n_samples"):
         fitted_pair("diag")[0].sample(0)
 
