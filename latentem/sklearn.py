@@ -309,9 +309,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
       reg_covar_mode: ``"absolute"`` (scikit-learn's rule, default) or ``"relative"``
         (``reg_covar`` times each feature's variance; see
         :func:`latentem.gaussian_mixture`).
-      moments: how a full-covariance fit forms its moments: ``"auto"`` (default),
-        ``"centred"`` (exact to round-off everywhere) or ``"expanded"`` (faster, and
-        on a GPU at default precision more accurate; see
+      moments: how a fit forms its moments: ``"auto"`` (default), ``"centred"``
+        (exact to round-off everywhere) or ``"expanded"`` (full, diagonal and
+        spherical fits: faster, and on a GPU at default precision more accurate; see
         :func:`latentem.gaussian_mixture`).
 
     Attributes:

@@ -243,13 +243,16 @@ _EXPANDED_BLOCK_SAMPLES = {"gpu": 4096}
 # (_diagonal_expanded_rounding). benchmarks/single.py --diagonal on a 2-core AMD EPYC,
 # per iteration with latentem's compiler options: float64 (1e5, 8, 8) 4.2 against 6.5
 # ms centred, (1e5, 32, 16) 16.3 against 23.6, (1e5, 100, 10) 36 against 57; float32
-# 1.6 against 2.7, 5.9 against 13.7, but 43.7 against 25.7 at (1e5, 100, 10), where a
-# narrow component far from the data's mean tripped the guard (eps sum_j m_j^2 /
-# sigma_j^2 reached 0.25 by the fourth iteration) and the centred iteration inside the
-# conditional cost 1.7 times the plain one. In float64 the guard needs that sum above
-# 2^40 to trip, so float64 fits take the expanded form by default, float32 fits with
-# moments="expanded". Below about 2^18 values the two forms were within a factor 2
-# either way ((1e4, 2, 3): 0.21 against 0.11 ms). Not on a GPU until timed there.
+# 1.3 against 2.3 and 5.1 against 10.7, where the guard held; at (1e5, 100, 10) a
+# narrow component far from the data's mean tripped it (eps sum_j m_j^2 / sigma_j^2
+# reached 0.25 by the fourth iteration), and the fallback runs as fast as the plain
+# centred iteration (24 against 25 ms; 44 before it was given the transposed data, see
+# _DiagonalExpandedData). In float64 the guard needs that sum above 2^40 to trip and
+# the expanded form is as accurate as the centred one for any data float64 holds, so
+# "auto" takes it; a float32 fit keeps the centred form, accurate to round-off, unless
+# asked for moments="expanded" (up to 2^-12 relative, guarded), as a full one does.
+# Below about 2^18 values the two forms were within a factor 2 either way ((1e4, 2,
+# 3): 0.21 against 0.11 ms). Not on a GPU until timed there.
 _DIAGONAL_EXPANDED_BACKENDS = ("cpu",)
 _DIAGONAL_EXPANDED_MIN_VALUES = 1 << 18
 
@@ -535,11 +538,20 @@ def _covariances_from_variances(variances: Array, n_components: int, covariance_
     return jnp.broadcast_to(jnp.mean(variances), (n_components,))
 
 
-def _scatter(x: Array, responsibilities: Array, centred_means: Array, reference: Array, covariance_type: str):
+def _scatter(
+    x: Array,
+    responsibilities: Array,
+    centred_means: Array,
+    reference: Array,
+    covariance_type: str,
+    transposed: Array | None = None,
+):
     """Weighted scatter about the new means, sum_n r_kn (x_n - mu_k)(x_n - mu_k)^T (or its
     diagonal for diag and spherical covariances), from explicit deviations (two passes,
     as scikit-learn), so that it is positive semi-definite to round-off.
-    ``responsibilities`` are states-first, ``(k, n)``."""
+    ``responsibilities`` are states-first, ``(k, n)``; ``transposed`` is ``x.T`` where
+    the caller formed it once per fit (in a conditional's branch, XLA does not hoist
+    the transpose out of the EM loop)."""
     n_samples = x.shape[0]
     n_components, n_features = centred_means.shape
     chunk = _chunk_size(n_samples, n_components * n_features)
@@ -577,7 +589,7 @@ def _scatter(x: Array, responsibilities: Array, centred_means: Array, reference:
         # transpose (which its loop-invariant code motion leaves in place as not worth
         # hoisting) was copied at every iteration: 0.5-0.7 ms of a (1e5, 8, 8)
         # iteration's XLA operations on a 2-core CPU, once per fit now.
-        data, sample_axis = optimization_barrier(x.T), 1
+        data, sample_axis = (optimization_barrier(x.T) if transposed is None else transposed), 1
 
     slots = _active_component_slots(n_samples, n_components, n_features, covariance_type, x.dtype)
     if slots is None:
@@ -735,8 +747,11 @@ def _gaussian_m_step(
     covariance_type: str,
     reg_covar: float,
     reg_covar_mode: str,
+    transposed: Array | None = None,
 ) -> GaussianMixtureParams:
-    """Weighted maximum-likelihood parameters from weighted responsibilities."""
+    """Weighted maximum-likelihood parameters from weighted responsibilities.
+
+    ``transposed``: ``x.T``, where the caller holds it already (see ``_scatter``)."""
     dtype = responsibilities.dtype
     x = x.astype(dtype)
     n_features = x.shape[1]
@@ -757,7 +772,7 @@ def _gaussian_m_step(
     else:
         sums = responsibilities @ centred
     centred_means = sums / safe_counts[:, None]
-    scatter = _scatter(x, responsibilities, centred_means, reference, covariance_type)
+    scatter = _scatter(x, responsibilities, centred_means, reference, covariance_type, transposed)
     return _m_step_from_moments(
         counts,
         total,
@@ -1026,11 +1041,15 @@ def _expanded_moments(
 class _DiagonalExpandedData(NamedTuple):
     """What the diagonal expanded moments need of the data, formed once per fit: the
     reference :math:`c` (the data's weighted mean), the squares, values and a one of each
-    row of :math:`x - c` side by side, ``(n, 2 d + 1)``, and the sample weights."""
+    row of :math:`x - c` side by side, ``(n, 2 d + 1)``, and the sample weights; and,
+    for the centred iteration it falls back to, ``x.T``: formed inside the fallback's
+    branch, the transpose was copied at every iteration (a float32 (1e5, 100, 10)
+    iteration that fell back took 44 against 26 ms for the plain centred one)."""
 
     reference: Array
     features: Array
     weights: Array
+    transposed: Array
 
 
 def _diagonal_expanded_data(x: Array, weights: Array) -> _DiagonalExpandedData:
@@ -1038,7 +1057,8 @@ def _diagonal_expanded_data(x: Array, weights: Array) -> _DiagonalExpandedData:
     reference = _weighted_mean(x, weights)
     centred = x - reference[None, :]
     ones = jnp.ones((x.shape[0], 1), x.dtype)
-    return _DiagonalExpandedData(reference, jnp.concatenate([jnp.square(centred), centred, ones], 1), weights)
+    features = jnp.concatenate([jnp.square(centred), centred, ones], 1)
+    return _DiagonalExpandedData(reference, features, weights, optimization_barrier(x.T))
 
 
 def _diagonal_expanded_applies(n_samples: int, n_components: int, n_features: int, always: bool) -> bool:
@@ -1431,10 +1451,9 @@ def gaussian_mixture(
         tied fits of five to eight features (see above; an iteration whose expansion
         would cancel more than 16 times the centred form's rounding takes the
         centred scatter), centred otherwise. For diagonal and spherical fits on a CPU, expanded
-        in float64 from 2^18 values n k d (1.4 to 1.6x faster than centred at (1e5, 8,
+        in float64 from 2^18 values n k d (1.3 to 1.6x faster than centred at (1e5, 8,
         8) to (1e5, 100, 10)), centred below, in float32 and on a GPU; in float32
-        ``"expanded"`` made (1e5, 8, 8) and (1e5, 32, 16) 1.7 and 2.3x faster, but an
-        iteration where the guard falls back cost 1.7x the centred one.
+        ``"expanded"`` made (1e5, 8, 8) and (1e5, 32, 16) 1.7 to 2.1x faster.
         For full fits on a CPU ``"expanded"`` made a float32 (1e5, 8, 8) iteration 1.0
         to 2.2x faster, depending on the machine.
 
@@ -1676,7 +1695,14 @@ def _gaussian_mixture(
             return moments_step(moments, data.reference, params)
 
         def centred(params, x, weights, data):
-            return _em._unfused_iteration(centred_model, params, x, weights)
+            # The engine's iteration (_em._unfused_iteration) with the transpose held.
+            weighted, log_likelihood = _em._weighted_responsibilities_by_state(
+                centred_model, params, x, weights
+            )
+            new_params = _gaussian_m_step(
+                x, weighted.T, params, covariance_type, reg_covar, reg_covar_mode, data.transposed
+            )
+            return new_params, log_likelihood, weighted.sum(axis=1)
 
         dtype = params.means.dtype
         x, weights = x.astype(dtype), weights.astype(dtype)
