@@ -838,6 +838,15 @@ def _check_weights(ctx: _Context) -> str:
 
 
 def _check_sample_calibration(ctx: _Context, draws: list[tuple[Params, Array, Any]]) -> str:
+    if ctx.model.check_data is not None:
+        for _, drawn, _ in draws:
+            try:
+                ctx.model.check_data(drawn)
+            except ValueError as error:
+                raise _Failed(
+                    f"check_data refused data drawn by sample ({error}); it must accept every value "
+                    "the model can generate."
+                ) from error
     if ctx.model.log_joint is None:
         raise _Skipped("needs log_joint (finite latent states).")
     largest = 0.0
@@ -962,7 +971,8 @@ def check_model(
       ``init`` ignores samples of zero weight.
     ``sample_calibration``
       states drawn by ``sample`` occur as often as the posterior from ``log_joint``
-      predicts on the drawn data (within 5 standard errors).
+      predicts on the drawn data (within 5 standard errors), and the model's
+      ``check_data``, if any, accepts the drawn data.
     ``sample_recovery``
       EM started at the parameters, on ``n_samples`` of their own draws, gains no more
       log-likelihood than sampling noise allows (Wilks: about

@@ -138,6 +138,23 @@ def test_m_step_is_checked_without_unconstrained_coordinates(counts):
                 assert "Q rises from m_step's output" in finding.message
 
 
+def check_data_refusing_zero_counts(x):
+    """Planted mistake 6: a check_data stricter than the model, which draws zero counts."""
+    if np.any(np.asarray(x) == 0):
+        raise ValueError("counts must be positive")
+
+
+def test_check_data_must_accept_the_models_own_samples(counts):
+    positive = counts + 1  # data that pass the strict check
+    strict = BASE._replace(check_data=check_data_refusing_zero_counts)
+    for seed in range(3):
+        key = jax.random.key(seed)
+        finding = lem.check_model(strict, key, positive, n_samples=500)["sample_calibration"]
+        assert finding.passed is False and "check_data refused data drawn by sample" in finding.message
+        assert "counts must be positive" in finding.message
+        assert lem.check_model(BASE, key, positive, n_samples=500)["sample_calibration"].passed
+
+
 def test_report_reads_in_plain_words_and_can_raise(reports):
     text = str(reports["weights_ignored"])
     assert text.startswith("check_model: 1 check(s) failed")
