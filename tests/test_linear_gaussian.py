@@ -97,6 +97,42 @@ def test_converged_fit_matches_scikit_learn(fitted, data, dtype):
     np.testing.assert_allclose(np.asarray(result.params.mean), x.mean(axis=0), rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_constant_feature_gets_a_small_positive_noise_variance(name, data, dtype):
+    """A constant column (a dummy feature, say): the fit converges, the constant feature
+    gets a noise variance of eps times the mean variance of the others and no loading,
+    and the other features fit as without it. Factor analysis ended NONFINITE here (a
+    noise floor of zero for a feature of zero variance)."""
+    x = data[0].astype(dtype)
+    with_constant = np.insert(x, 2, 7.0, axis=1)
+    model = lem.factor_analysis(N_COMPONENTS) if name == "factor_analysis" else lem.ppca(N_COMPONENTS)
+    tol = 1e-11 if dtype == np.float64 else 1e-6
+    result = lem.fit(model, jax.random.key(1), with_constant, max_iter=MAX_ITER, tol=tol)
+    assert int(result.status) == lem.Status.CONVERGED
+    mean, components, noise = (np.asarray(leaf, np.float64) for leaf in result.params)
+    noise = np.broadcast_to(noise, mean.shape)
+    assert mean[2] == pytest.approx(7.0, rel=1e-6)
+    if name == "factor_analysis":
+        eps = np.finfo(dtype).eps
+        floor = eps * np.var(x.astype(np.float64), axis=0).mean()
+        assert noise[2] == pytest.approx(floor, rel=1e-3)
+        assert np.max(np.abs(components[:, 2])) <= 1e-3 * np.max(np.abs(components))
+        # The other features: scikit-learn's fit without the constant column.
+        varying = np.delete(np.arange(x.shape[1] + 1), 2)
+        covariance = components.T @ components + np.diag(noise)
+        reference = FactorAnalysis(N_COMPONENTS, tol=1e-10, max_iter=10000).fit(x.astype(np.float64))
+        np.testing.assert_allclose(
+            covariance[np.ix_(varying, varying)], reference.get_covariance(), rtol=1e-2, atol=1e-2
+        )
+        # Each sample's log density gains exactly that of x_c = mu_c under N(mu_c, psi_c).
+        constant_term = -0.5 * np.log(2 * np.pi * noise[2])
+        np.testing.assert_allclose(
+            float(result.log_likelihood) - constant_term, reference.score(x.astype(np.float64)), atol=2e-3
+        )
+    else:  # one noise variance for all: the constant feature lowers it, and the fit is finite
+        assert np.isfinite(float(result.log_likelihood))
+
+
 def test_em_never_lowers_the_log_likelihood(fitted):
     _, _, result = fitted
     n_iter = int(result.n_iter)

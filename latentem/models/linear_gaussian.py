@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from latentem._base import Array, LatentModel, PRNGKey, check_param_shapes, check_positive_int, float_dtype
 from latentem.models import _linalg
+from latentem.models.gaussian_mixture import _regulariser_scale
 
 
 class PPCAParams(NamedTuple):
@@ -156,9 +157,12 @@ def _m_step(
     second = weights @ jnp.square(centred)
     noise = (second - jnp.sum(regression * cross, axis=1)) / total
     # Noise variances stay above eps times each feature's variance: data of lower rank
-    # (or a Heywood case in factor analysis) would otherwise drive one to zero.
+    # (or a Heywood case in factor analysis) would otherwise drive one to zero. A
+    # constant feature takes the mean variance of the others (as for the Gaussian
+    # mixture's regulariser): a floor of zero gave factor analysis a zero noise variance
+    # there, and a fit of data with a constant column ended NONFINITE.
     variances = second / total - jnp.square(weights @ centred / total)
-    floor = jnp.finfo(noise.dtype).eps * jnp.maximum(variances, jnp.finfo(noise.dtype).tiny)
+    floor = jnp.finfo(noise.dtype).eps * _regulariser_scale(variances, second / total)
     return regression[:, n_components] + mean, regression[:, :n_components].T, noise, floor
 
 
@@ -178,10 +182,7 @@ def _initial(key: PRNGKey, x: Array, weights: Array, n_components: int) -> tuple
     variances = weights @ jnp.square(x - mean[None, :]) / weights.sum()
     # A constant feature gets the mean variance of the others (1 if all are constant),
     # so that the starting noise variance is positive.
-    varying = variances > 0
-    n_varying = jnp.sum(varying).astype(variances.dtype)
-    fallback = jnp.sum(jnp.where(varying, variances, 0)) / jnp.maximum(n_varying, 1)
-    variances = jnp.where(varying, variances, jnp.where(fallback > 0, fallback, 1))
+    variances = _regulariser_scale(variances, variances)
     directions = jax.random.normal(key, (n_components, n_features), x.dtype)
     components = directions * jnp.sqrt(variances / n_components)[None, :]
     return mean, components, variances
