@@ -147,12 +147,10 @@ def check_data_refusing_zero_counts(x):
 def test_check_data_must_accept_the_models_own_samples(counts):
     positive = counts + 1  # data that pass the strict check
     strict = BASE._replace(check_data=check_data_refusing_zero_counts)
-    for seed in range(3):
-        key = jax.random.key(seed)
-        finding = lem.check_model(strict, key, positive, n_samples=500)["sample_calibration"]
+    for seed in range(2):  # without check_data it passes: test_correct_model_passes_every_check
+        finding = lem.check_model(strict, jax.random.key(seed), positive, n_samples=500)["sample_calibration"]
         assert finding.passed is False and "check_data refused data drawn by sample" in finding.message
         assert "counts must be positive" in finding.message
-        assert lem.check_model(BASE, key, positive, n_samples=500)["sample_calibration"].passed
 
 
 def test_report_reads_in_plain_words_and_can_raise(reports):
