@@ -307,8 +307,9 @@ def factor_analysis(n_components: int) -> LatentModel:
     .. math:: \Psi = \frac{1}{\sum_n w_n} \operatorname{diag}
               \sum_n w_n (x_n x_n^\top - [W^\top, \mu]\, \mathbb{E}[\tilde z_n] x_n^\top),
 
-    floored at ``eps`` times the variance of each feature, so that a variance driven
-    to zero (a Heywood case) stays positive. At convergence the mean log-likelihood reaches scikit-learn's
+    floored at ``eps`` times the variance of each feature (of the others, on average,
+    for a constant feature), so that a variance driven to zero (a Heywood case, a
+    constant column) stays positive. At convergence the mean log-likelihood reaches scikit-learn's
     ``FactorAnalysis(n_components).score``. Memoised.
 
     Args:
