@@ -963,6 +963,34 @@ def _expanded_rounding(params: GaussianMixtureParams, reference: Array, factor: 
     return jnp.finfo(factor.dtype).eps * jnp.max(jnp.sum(jnp.square(projected), axis=1))
 
 
+def _linear_e_step(features: Array, weights: Array, coefficients: Array) -> tuple[Array, Array]:
+    r"""The E-step of a log joint linear in the features, ``features @ coefficients.T``
+    (``(n, F)`` by ``(k, F)``), and the moments ``(w r)^T features``: returns
+    :math:`\sum_{n: w_n > 0} w_n \log p(x_n)` and the ``(k, F)`` moments. Both products
+    run at full float32 precision whatever the default matmul precision (the expansions
+    cancel; in TF32 little of the result would be left); the moments by blocks of
+    samples on the backends of ``_EXPANDED_BLOCK_SAMPLES``."""
+    highest = jax.lax.Precision.HIGHEST
+    log_joint = jnp.matmul(features, coefficients.T, precision=highest)  # (n, k)
+    log_likelihood = jax.nn.logsumexp(log_joint, axis=1)
+    positive = weights > 0
+    responsibilities = jnp.exp(log_joint - log_likelihood[:, None])
+    weighted = jnp.where(positive[:, None], weights[:, None] * responsibilities, 0)
+    n_rows, n_columns = features.shape
+    block = _EXPANDED_BLOCK_SAMPLES.get(jax.default_backend())
+    if block is not None and n_rows > block and n_rows % block == 0:  # see _EXPANDED_BLOCK_SAMPLES
+        by_block = jax.lax.dot_general(
+            weighted.reshape(-1, block, weighted.shape[1]),
+            features.reshape(-1, block, n_columns),
+            (((1,), (1,)), ((0,), (0,))),
+            precision=highest,
+        )  # (blocks, k, F)
+        moments = jnp.sum(by_block, axis=0)
+    else:
+        moments = jnp.matmul(weighted.T, features, precision=highest)  # (k, F)
+    return jnp.sum(jnp.where(positive, weights * log_likelihood, 0)), moments
+
+
 def _expanded_moments(
     features: Array, weights: Array, params: GaussianMixtureParams, reference: Array, factor: Array
 ) -> _gaussian_kernel.Moments:
@@ -1003,23 +1031,7 @@ def _expanded_moments(
     coefficients = jnp.concatenate(
         [-0.5 * doubled[None, :] * precision[:, rows, cols], linear, constant[:, None]], axis=1
     )
-    log_joint = jnp.matmul(features, coefficients.T, precision=highest)  # (n, k)
-    log_likelihood = jax.nn.logsumexp(log_joint, axis=1)
-    positive = (weights > 0)[:, None]
-    weighted = jnp.where(positive, weights[:, None] * jnp.exp(log_joint - log_likelihood[:, None]), 0)
-    n_rows, n_columns = features.shape
-    block = _EXPANDED_BLOCK_SAMPLES.get(jax.default_backend())
-    if block is not None and n_rows > block and n_rows % block == 0:  # see _EXPANDED_BLOCK_SAMPLES
-        by_block = jax.lax.dot_general(
-            weighted.reshape(-1, block, weighted.shape[1]),
-            features.reshape(-1, block, n_columns),
-            (((1,), (1,)), ((0,), (0,))),
-            precision=highest,
-        )  # (blocks, k, F)
-        moments = jnp.sum(by_block, axis=0)
-    else:
-        moments = jnp.matmul(weighted.T, features, precision=highest)  # (k, F)
-
+    log_likelihood, moments = _linear_e_step(features, weights, coefficients)
     counts = moments[:, -1]
     total = jnp.sum(counts)
     safe_counts = jnp.where(counts <= jnp.finfo(dtype).eps * total, 1, counts)
@@ -1029,7 +1041,7 @@ def _expanded_moments(
     second = moments[:, index]  # (k, d, d)
     diagonal = index[np.arange(n_features), np.arange(n_features)]
     return _gaussian_kernel.Moments(
-        log_likelihood=jnp.sum(jnp.where(positive[:, 0], weights * log_likelihood, 0)),
+        log_likelihood=log_likelihood,
         total=total,
         counts=counts,
         centred_means=sums / safe_counts[:, None],
@@ -1104,7 +1116,6 @@ def _diagonal_expanded_moments(
     """
     n_features = params.means.shape[1]
     dtype = features.dtype
-    highest = jax.lax.Precision.HIGHEST
     inverse = 1 / _diagonal_variances(params)  # (k, d)
     centred_means = params.means - reference[None, :]
     linear = centred_means * inverse
@@ -1114,19 +1125,13 @@ def _diagonal_expanded_moments(
         + jnp.sum(centred_means * linear, axis=1)
     )
     coefficients = jnp.concatenate([-0.5 * inverse, linear, constant[:, None]], axis=1)
-    log_joint = jnp.matmul(features, coefficients.T, precision=highest)  # (n, k)
-    log_likelihood = jax.nn.logsumexp(log_joint, axis=1)
-    positive = weights > 0
-    weighted = jnp.where(
-        positive[:, None], weights[:, None] * jnp.exp(log_joint - log_likelihood[:, None]), 0
-    )
-    moments = jnp.matmul(weighted.T, features, precision=highest)  # (k, 2 d + 1)
+    log_likelihood, moments = _linear_e_step(features, weights, coefficients)  # moments (k, 2 d + 1)
     counts = moments[:, -1]
     total = jnp.sum(counts)
     safe_counts = jnp.where(counts <= jnp.finfo(dtype).eps * total, 1, counts)
     squares, sums = moments[:, :n_features], moments[:, n_features:-1]
     return _gaussian_kernel.Moments(
-        log_likelihood=jnp.sum(jnp.where(positive, weights * log_likelihood, 0)),
+        log_likelihood=log_likelihood,
         total=total,
         counts=counts,
         centred_means=sums / safe_counts[:, None],
