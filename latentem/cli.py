@@ -502,7 +502,7 @@ def _write_plot(args, fitted, selection, data, names) -> None:
     from latentem import plot
 
     pyplot = _pyplot()
-    panels = ["clusters"] if data.shape[1] >= 2 else []
+    panels = ["clusters"]
     panels += ["history"] if fitted["result"] is not None else []
     panels += ["selection"] if selection is not None else []
     figure, axes = pyplot.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), layout="constrained")

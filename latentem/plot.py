@@ -74,15 +74,17 @@ def _infer_covariance_type(params: Any) -> str:
     return matches[0]
 
 
-def _covariance_2d(covariances: np.ndarray, covariance_type: str, component: int) -> np.ndarray:
-    """The 2x2 covariance of the first two features (the marginal of the component)."""
+def _marginal_covariance(
+    covariances: np.ndarray, covariance_type: str, component: int, n_features: int
+) -> np.ndarray:
+    """The covariance of the first ``n_features`` features (the component's marginal)."""
     if covariance_type == "full":
-        return covariances[component, :2, :2]
+        return covariances[component, :n_features, :n_features]
     if covariance_type == "tied":
-        return covariances[:2, :2]
+        return covariances[:n_features, :n_features]
     if covariance_type == "diag":
-        return np.diag(covariances[component, :2])
-    return covariances[component] * np.eye(2)
+        return np.diag(covariances[component, :n_features])
+    return covariances[component] * np.eye(n_features)
 
 
 def _ellipse(mean: np.ndarray, covariance: np.ndarray, n_std: float, colour: Any) -> Any:
@@ -102,6 +104,43 @@ def _ellipse(mean: np.ndarray, covariance: np.ndarray, n_std: float, colour: Any
         edgecolor=colour,
         linewidth=2.0,
     )
+
+
+def _histogram_by_component(
+    ax: Any, x: np.ndarray, labels: np.ndarray, params: Any, covariance_type: str | None, legend: list[str]
+) -> None:
+    """One feature: a stacked histogram by component under the weighted component densities."""
+    n_components = len(legend)
+    edges = np.histogram_bin_edges(x, bins="auto")
+    # density=True with stacked=True normalises the whole stack to area one, so each
+    # component's layer is comparable with its weighted density pi_k N(x | mu_k, sigma_k^2).
+    ax.hist(
+        [x[labels == k] for k in range(n_components)],
+        bins=edges,
+        stacked=True,
+        density=True,
+        alpha=0.5,
+        color=[_colour(k) for k in range(n_components)],
+        label=legend,
+    )
+    if params is None:
+        return
+    span = float(edges[-1] - edges[0]) or 1.0
+    grid = np.linspace(edges[0] - 0.1 * span, edges[-1] + 0.1 * span, 400)
+    weights = np.asarray(params.weights, np.float64)
+    means = np.asarray(params.means, np.float64)[:, 0]
+    covariances = np.asarray(params.covariances, np.float64)
+    mixture = np.zeros_like(grid)
+    for k in range(n_components):
+        variance = float(_marginal_covariance(covariances, covariance_type, k, 1)[0, 0])
+        density = (
+            weights[k]
+            * np.exp(-0.5 * (grid - means[k]) ** 2 / variance)
+            / math.sqrt(2.0 * math.pi * variance)
+        )
+        mixture += density
+        ax.plot(grid, density, color=_colour(k), linewidth=2.0)
+    ax.plot(grid, mixture, color="black", linewidth=1.5, label="mixture density")
 
 
 def clusters(
@@ -124,8 +163,13 @@ def clusters(
     For models whose parameters have no ``means``/``covariances`` the data are still
     coloured by ``labels`` (or by ``latentem.predict(model, params, x)``).
 
+    Data with one feature get a histogram instead, stacked by component and normalised
+    so that its total area is one, under the weighted component densities
+    :math:`\pi_k \, \mathcal{N}(x \mid \mu_k, \sigma_k^2)` and their sum, the mixture
+    density (black), for Gaussian parameters.
+
     Args:
-      x: data, shape ``(n_samples, n_features)`` with ``n_features >= 2``.
+      x: data, shape ``(n_samples, n_features)``.
       params: fitted parameters, e.g. :class:`~latentem.GaussianMixtureParams`.
       model: the model, used to compute ``labels`` when they are not given (default: a
         Gaussian mixture of the shape of ``params``).
@@ -146,9 +190,9 @@ def clusters(
     import latentem as lem
 
     x = np.asarray(x)
-    if x.ndim != 2 or x.shape[1] < 2:
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(
-            f"clusters plots two features: x must have shape (n_samples, n_features >= 2); got {x.shape}."
+            f"clusters plots data of shape (n_samples, n_features), at least one of each; got {x.shape}."
         )
     gaussian = hasattr(params, "means") and hasattr(params, "covariances")
     if gaussian and covariance_type is None:
@@ -168,18 +212,29 @@ def clusters(
     ax = _new_axes(ax)
     n_components = int(np.shape(params.means)[0]) if gaussian else int(labels.max(initial=0)) + 1
     weights = np.asarray(params.weights) if hasattr(params, "weights") else None
+    names = list(feature_names) if feature_names is not None else ["feature 0", "feature 1"]
+    legend = [
+        f"component {k}" + (f" (weight {weights[k]:.2f})" if weights is not None else "")
+        for k in range(n_components)
+    ]
+    if x.shape[1] == 1:
+        _histogram_by_component(ax, x[:, 0], labels, params if gaussian else None, covariance_type, legend)
+        ax.set_xlabel(names[0])
+        ax.set_ylabel("density")
+        suffix = ", weighted component densities" if gaussian else ""
+        ax.set_title(title if title is not None else f"{n_components} components{suffix}")
+        ax.legend(loc="best", fontsize="small")
+        return ax
     for k in range(n_components):
         members = labels == k
-        label = f"component {k}" + (f" (weight {weights[k]:.2f})" if weights is not None else "")
-        ax.scatter(x[members, 0], x[members, 1], s=12, alpha=0.6, color=_colour(k), label=label)
+        ax.scatter(x[members, 0], x[members, 1], s=12, alpha=0.6, color=_colour(k), label=legend[k])
     if gaussian:
         means = np.asarray(params.means)
         covariances = np.asarray(params.covariances)
         for k in range(n_components):
-            covariance = _covariance_2d(covariances, covariance_type, k)
+            covariance = _marginal_covariance(covariances, covariance_type, k, 2)
             ax.add_patch(_ellipse(means[k, :2], covariance, n_std, _colour(k)))
             ax.plot(means[k, 0], means[k, 1], marker="x", markersize=10, mew=2.5, color="black")
-    names = list(feature_names) if feature_names is not None else ["feature 0", "feature 1"]
     ax.set_xlabel(names[0])
     ax.set_ylabel(names[1])
     suffix = f", ellipses at {n_std:g} standard deviations" if gaussian else ""

@@ -182,6 +182,8 @@ def test_bad_inputs_give_one_line_errors_and_a_fit_reports_progress(csv_file, tm
         "semicolons.csv": "a;b\n1;2\n3;4\n",
         "blank_lines.csv": "a,b\n\n1,2\n\n3,\n5,6\n",
         "no_header_nan.csv": "1.0,2.0\nnan,4.0\n5.0,6.0\n",
+        "one_column.csv": "duration\n"
+        + "".join(f"{2.0 + 0.1 * (i % 5) + 3.0 * (i % 2)}\n" for i in range(40)),
     }
     for name, text in files.items():
         (tmp_path / name).write_text(text)
@@ -212,7 +214,8 @@ def test_bad_inputs_give_one_line_errors_and_a_fit_reports_progress(csv_file, tm
         (["fit", "a.csv", "b.csv"], r"unrecognized arguments: b\.csv"),
     ]
     fit = ["fit", str(csv_file), "-k", "3", "--progress", "on", "--output", "one.json", "--plot", "one.png"]
-    argvs = [argv for argv, _ in cases] + [fit]
+    one_column = ["fit", "one_column.csv", "-k", "2", "--plot", "one_column.png"]
+    argvs = [argv for argv, _ in cases] + [fit, one_column]
     completed = subprocess.run(
         [sys.executable, "-c", DRIVER, json.dumps(argvs)],
         capture_output=True,
@@ -230,7 +233,7 @@ def test_bad_inputs_give_one_line_errors_and_a_fit_reports_progress(csv_file, tm
         assert re.search(pattern, lines[0]), (argv, lines[0])
         assert "Traceback" not in result["stderr"] and result["stdout"] == ""
 
-    fitted = results[-1]
+    fitted = results[-2]
     assert fitted["code"] == 0, fitted["stderr"]
     # --progress on: lines from inside the compiled loop, iteration numbers in range.
     progress = [line for line in fitted["stderr"].splitlines() if line.startswith("iteration ")]
@@ -243,6 +246,13 @@ def test_bad_inputs_give_one_line_errors_and_a_fit_reports_progress(csv_file, tm
     assert document["n_iter"] >= 1 and "selection" not in document
     assert f"iterations           {document['n_iter']}" in fitted["stdout"]
     assert (tmp_path / "one.png").read_bytes().startswith(PNG_SIGNATURE)
+
+    # One column: the plot still has its clusters panel (a histogram) beside the history,
+    # so it is two panels of 5.5 inches at 120 dots per inch wide.
+    assert results[-1]["code"] == 0, results[-1]["stderr"]
+    png = (tmp_path / "one_column.png").read_bytes()
+    assert png.startswith(PNG_SIGNATURE)
+    assert int.from_bytes(png[16:20], "big") == 2 * 5.5 * 120  # the IHDR width
 
 
 def test_csv_with_or_without_header_row(tmp_path):

@@ -16,7 +16,7 @@ import matplotlib.pyplot as pyplot
 import numpy as np
 import pytest
 from helpers import random_covariances
-from scipy.stats import multivariate_normal
+from scipy.stats import multivariate_normal, norm
 
 import latentem as lem
 from latentem import plot
@@ -95,8 +95,65 @@ def test_clusters_asks_for_the_type_when_shapes_are_ambiguous(dtype):
     params, _, x = mixture("diag", dtype)
     with pytest.raises(ValueError, match="pass covariance_type="):
         plot.clusters(x, params)
-    with pytest.raises(ValueError, match="n_features >= 2"):
-        plot.clusters(x[:, :1], params, covariance_type="diag")
+    with pytest.raises(ValueError, match="at least one of each"):
+        plot.clusters(x[:, :0], params, covariance_type="diag")
+
+
+def test_clusters_of_one_feature_stacks_a_histogram_under_the_component_densities(covariance_type, dtype):
+    rng = np.random.default_rng(5)
+    means = np.array([[-3.0], [0.5], [4.0]])
+    variances = np.array([0.5, 1.5, 0.8])
+    weights = np.array([0.2, 0.5, 0.3])
+    shapes = {"full": (3, 1, 1), "tied": (1, 1), "diag": (3, 1), "spherical": (3,)}
+    covariances = variances[:1] if covariance_type == "tied" else variances
+    params = lem.GaussianMixtureParams(
+        jnp.asarray(weights, dtype),
+        jnp.asarray(means, dtype),
+        jnp.asarray(covariances.reshape(shapes[covariance_type]), dtype),
+    )
+    variances = np.broadcast_to(covariances, (3,))
+    x = np.concatenate([rng.normal(m, 1.0, (n, 1)) for m, n in zip(means[:, 0], (20, 50, 30), strict=True)])
+    ax = plot.clusters(x, params, feature_names=["duration"])  # the type is inferred from the shapes
+
+    # The components' curves are pi_k N(x | mu_k, sigma_k^2) by SciPy; the last is their sum.
+    *components, mixture = ax.lines
+    assert len(components) == 3
+    grid = mixture.get_xdata()
+    assert grid.min() < x.min() and grid.max() > x.max()
+    for k, line in enumerate(components):
+        np.testing.assert_array_equal(line.get_xdata(), grid)
+        expected = weights[k] * norm(means[k, 0], np.sqrt(variances[k])).pdf(grid)
+        np.testing.assert_allclose(line.get_ydata(), expected, rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(mixture.get_ydata(), sum(line.get_ydata() for line in components), rtol=1e-12)
+
+    # Each component's layer of the stacked histogram holds its samples (labels by SciPy's
+    # posterior), as a density of the whole data set: the stack's area is one.
+    joint = np.log(weights) + norm(means[:, 0], np.sqrt(variances)).logpdf(x)
+    labels = np.argmax(joint, axis=1)
+    bars = ax.patches
+    n_bins = len(bars) // 3
+    edges = np.append(
+        [bar.get_x() for bar in bars[:n_bins]], bars[n_bins - 1].get_x() + bars[n_bins - 1].get_width()
+    )
+    width = np.diff(edges)
+    area = 0.0
+    for k in range(3):
+        layer = bars[k * n_bins : (k + 1) * n_bins]
+        heights = np.array([bar.get_height() for bar in layer])
+        counts, _ = np.histogram(x[labels == k, 0], bins=edges)
+        np.testing.assert_allclose(heights * width * x.shape[0], counts, atol=1e-9)
+        area += float(np.sum(heights * width))
+    np.testing.assert_allclose(area, 1.0, rtol=1e-12)
+
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("duration", "density")
+    assert ax.get_title() == "3 components, weighted component densities"
+    legend = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert legend == [
+        "component 0 (weight 0.20)",
+        "component 1 (weight 0.50)",
+        "component 2 (weight 0.30)",
+        "mixture density",
+    ]
 
 
 class CountParams(NamedTuple):
