@@ -17,6 +17,7 @@ import importlib
 import json
 import math
 import os
+import sys
 from collections import namedtuple
 from collections.abc import Mapping
 from typing import Any, BinaryIO, NamedTuple
@@ -188,18 +189,16 @@ def _encode(value: Any, path: str, arrays: dict[str, np.ndarray]) -> dict[str, A
 def _params_type(spec: str, fields: list[str]) -> type:
     """The NamedTuple class named in a file.
 
-    Classes are imported only from latentem itself (importing any other module would run
-    code named by the file); other types come back as a plain namedtuple with the same
-    name and fields.
+    Classes are looked up only in latentem's modules that are already imported: loading
+    imports nothing, since importing a module named by the file runs its code (even
+    ``latentem.__main__`` would run the command line). Other types come back as a plain
+    namedtuple with the same name and fields.
     """
     module_name, _, qualname = spec.partition(":")
     if module_name == "latentem" or module_name.startswith("latentem."):
-        try:
-            kind: Any = importlib.import_module(module_name)
-            for part in qualname.split("."):
-                kind = getattr(kind, part)
-        except (ImportError, AttributeError):
-            kind = None
+        kind: Any = sys.modules.get(module_name)
+        for part in qualname.split("."):
+            kind = getattr(kind, part, None)
         if (
             isinstance(kind, type)
             and issubclass(kind, tuple)
@@ -348,8 +347,10 @@ def load(path: str | os.PathLike | BinaryIO) -> SavedModel:
         if isinstance(error, FileNotFoundError):
             raise
         raise ValueError(f"{name} is not a latentem parameter file (.npz): {error}") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):  # a .npy file gives a bare array
+        raise ValueError(f"{name} is not a latentem parameter file: it is not an .npz archive.")
     with archive:
-        if not hasattr(archive, "files") or _METADATA_KEY not in archive.files:
+        if _METADATA_KEY not in archive.files:
             raise ValueError(f"{name} is not a latentem parameter file: it has no latentem metadata.")
         try:
             metadata = json.loads(str(archive[_METADATA_KEY][()]))
@@ -365,6 +366,11 @@ def load(path: str | os.PathLike | BinaryIO) -> SavedModel:
                 f"version {FORMAT_VERSION} only. Load it with the latentem version that wrote it "
                 f"({metadata.get('latentem_version', 'unknown')}), or upgrade latentem."
             )
-        description = _normalise_description({"model": metadata["model"], "options": metadata["options"]})
-        params = _decode(metadata["params"], _PARAMS_PREFIX, archive)
+        try:
+            description = _normalise_description({"model": metadata["model"], "options": metadata["options"]})
+            params = _decode(metadata["params"], _PARAMS_PREFIX, archive)
+        except (KeyError, TypeError, AttributeError, IndexError) as error:
+            raise ValueError(
+                f"{name} is damaged: an entry of its metadata is missing or malformed ({error!r})."
+            ) from None
     return SavedModel(model=_build_model(description), params=params, description=description)

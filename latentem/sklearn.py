@@ -147,6 +147,17 @@ def _fit_restarts(
     return jax.vmap(one)(keys, start)
 
 
+def _finite_array(values: Any, name: str) -> np.ndarray:
+    """``values`` as a float64 array, or a ``ValueError`` if it has NaN or infinite entries."""
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an array of numbers; got {values!r}.") from None
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} has NaN or infinite entries; give finite values.")
+    return array
+
+
 def _padded_size(n_samples: int) -> int:
     """Round a sample count up to one of four sizes per octave (at most 25% more), min 32.
 
@@ -282,7 +293,10 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     ``"random_from_data"`` likewise assigns samples to randomly drawn data points;
     ``"random"`` is scikit-learn's random responsibilities. The restarts
     (``n_init``) run together as one ``jax.vmap``. A component left with no samples
-    keeps its parameters instead of collapsing, and gives a ``ConvergenceWarning``.
+    keeps its parameters instead of collapsing, and gives a ``ConvergenceWarning``. A
+    restart whose objective or parameters become NaN or infinite (a singular covariance,
+    with ``reg_covar=0``) is dropped, and the fit raises scikit-learn's ``ValueError``
+    only when every restart is (scikit-learn raises when any one is).
     Arrays are float64 when JAX runs in 64-bit mode (``JAX_ENABLE_X64=1``) and float32
     otherwise. Each fit compiles once per model, number of features and data size
     (sizes are padded with zero-weight rows to a few sizes per octave, so data of
@@ -425,19 +439,25 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         k = self.n_components
         weights = means = covariances = None
         if self.weights_init is not None:
-            weights = np.asarray(self.weights_init, dtype=np.float64)
+            given = np.asarray(self.weights_init)
+            weights = _finite_array(given, "weights_init")
             if weights.shape != (k,):
                 raise ValueError(f"weights_init must have shape ({k},); got {weights.shape}.")
-            if (weights < 0).any() or (weights > 1).any() or not np.isclose(weights.sum(), 1.0):
-                raise ValueError(f"weights_init must be in [0, 1] and sum to 1; got {weights.tolist()}.")
+            # scikit-learn's tolerance on the sum: 1e-6 for float32 weights, else 1e-8.
+            atol = 1e-6 if given.dtype == np.float32 else 1e-8
+            if (weights < 0).any() or (weights > 1).any() or not abs(1.0 - weights.sum()) <= atol:
+                raise ValueError(
+                    f"weights_init must be in [0, 1] and sum to 1 (within {atol:g}); got {weights.tolist()} "
+                    f"(sum {float(weights.sum())!r})."
+                )
             weights = jnp.asarray(weights, dtype)
         if self.means_init is not None:
-            means = np.asarray(self.means_init, dtype=np.float64)
+            means = _finite_array(self.means_init, "means_init")
             if means.shape != (k, n_features):
                 raise ValueError(f"means_init must have shape ({k}, {n_features}); got {means.shape}.")
             means = jnp.asarray(means, dtype)
         if self.precisions_init is not None:
-            precisions = np.asarray(self.precisions_init, dtype=np.float64)
+            precisions = _finite_array(self.precisions_init, "precisions_init")
             expected = {
                 "full": (k, n_features, n_features),
                 "tied": (n_features, n_features),
@@ -557,7 +577,18 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             restarts = run(slice(None), None)
 
         restarts = jax.tree_util.tree_map(np.asarray, restarts)
-        scores = np.where(np.isfinite(restarts.objective), restarts.objective, -np.inf)
+        usable = restarts.status != int(Status.NONFINITE)
+        if not usable.any():
+            # scikit-learn raises when a covariance cannot be factorised; latentem's loop
+            # stops instead, and a fit with no restart left standing has nothing to keep.
+            raise ValueError(
+                "Fitting the mixture model failed: every restart's objective or parameters became "
+                "NaN or infinite, as when a component collapses onto a single point or onto "
+                "identical samples. Increase reg_covar (it must be > 0 for such data), decrease "
+                "n_components, or scale the input data"
+                + (" (or pass float64 data with JAX_ENABLE_X64=1)." if x.dtype == np.float32 else ".")
+            )
+        scores = np.where(usable & np.isfinite(restarts.objective), restarts.objective, -np.inf)
         best = jax.tree_util.tree_map(lambda leaf: leaf[int(np.argmax(scores))], restarts)
         labels = self._set_fitted(best.params, x_padded, weights_padded)
         self._record(best, max_iter)
@@ -597,17 +628,10 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             self.lower_bounds_ = []
             return
         self.converged_ = bool(best.converged)
-        self.n_iter_ = n_iter + (status != Status.NONFINITE)
+        self.n_iter_ = n_iter + 1  # fit_em's iterations and the final M-step
         self.lower_bound_ = float(best.objective)
         self.lower_bounds_ = [float(best.initial_objective), *(float(v) for v in best.history[:n_iter])]
-        if status == Status.NONFINITE:
-            warnings.warn(
-                "the objective or parameters became NaN or infinite; the last finite parameters "
-                "were kept. Check the data for NaN/inf and keep reg_covar > 0.",
-                ConvergenceWarning,
-                stacklevel=3,
-            )
-        elif not self.converged_:
+        if not self.converged_:
             warnings.warn(
                 "Best performing initialization did not converge. Try different init "
                 "parameters, or increase max_iter, tol, or check for degenerate data.",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import sys
 import zipfile
 from typing import NamedTuple
 
@@ -152,6 +153,46 @@ def test_other_files_are_rejected_clearly(tmp_path):
         lem.load(tmp_path / "text.npz")
     with pytest.raises(FileNotFoundError):
         lem.load(tmp_path / "missing.npz")
+    np.save(tmp_path / "array.npy", np.zeros(3))  # NumPy's other format: a bare array
+    with pytest.raises(ValueError, match=r"not a latentem parameter file: it is not an \.npz archive"):
+        lem.load(tmp_path / "array.npy")
+
+
+DAMAGES = {
+    "no model": lambda metadata: metadata.pop("model"),
+    "no options": lambda metadata: metadata.pop("options"),
+    "no params": lambda metadata: metadata.pop("params"),
+    "params not a table": lambda metadata: metadata.update(params=[1, 2]),
+    "no fields": lambda metadata: metadata["params"].pop("fields"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_metadata_is_a_value_error(damage, tmp_path):
+    params = lem.GaussianMixtureParams(jnp.array([1.0]), jnp.zeros((1, 1)), jnp.ones((1, 1, 1)))
+    path = tmp_path / "model.npz"
+    lem.save(path, {"model": "gaussian_mixture", "options": {"n_components": 1}}, params)
+    rewrite_metadata(path, DAMAGES[damage])
+    with pytest.raises(ValueError, match=r"model\.npz is damaged"):
+        lem.load(path)
+
+
+def test_loading_imports_no_module_named_by_the_file(tmp_path):
+    # A file naming latentem.__main__ (the command line) as its parameters' module: were
+    # it imported, it would fit Old Faithful and exit the process.
+    params = lem.GaussianMixtureParams(jnp.array([1.0]), jnp.zeros((1, 1)), jnp.ones((1, 1, 1)))
+    path = tmp_path / "model.npz"
+    lem.save(path, {"model": "gaussian_mixture", "options": {"n_components": 1}}, params)
+    for module in ("latentem.__main__", "latentem.sklearn", "latentem.no_such_module"):
+        rewrite_metadata(
+            path,
+            lambda metadata, module=module: metadata["params"].update(type=f"{module}:GaussianMixtureParams"),
+        )
+        was_imported = module in sys.modules
+        _, loaded, _ = lem.load(path)
+        assert (module in sys.modules) == was_imported
+        assert type(loaded).__name__ == "GaussianMixtureParams" and loaded._fields == params._fields
+        np.testing.assert_array_equal(loaded.covariances, params.covariances)
 
 
 def test_save_checks_description_and_params(tmp_path):

@@ -258,6 +258,32 @@ def test_errors_say_what_to_change():
         GaussianMixture(covariance_type="tied", moments="expanded").fit(x)
     with pytest.raises(ValueError, match="n_samples"):
         fitted_pair("diag")[0].sample(0)
+    # Initial values as scikit-learn's checks take them: finite, weights summing to one.
+    with pytest.raises(ValueError, match="means_init has NaN or infinite entries"):
+        GaussianMixture(n_components=2, means_init=[[np.nan, 0.0], [5.0, 5.0]]).fit(x)
+    for covariance_type, precisions in [
+        ("spherical", [np.inf, 1.0]),
+        ("diag", [[1.0, np.nan], [1.0, 1.0]]),
+        ("full", np.stack([np.eye(2), np.full((2, 2), np.inf)])),
+    ]:
+        with pytest.raises(ValueError, match="precisions_init has NaN or infinite entries"):
+            GaussianMixture(2, covariance_type=covariance_type, precisions_init=precisions).fit(x)
+    with pytest.raises(ValueError, match=r"sum to 1 \(within 1e-08\).*sum 1.00001"):
+        GaussianMixture(n_components=2, weights_init=[0.5, 0.50001]).fit(x)
+    with pytest.raises(ValueError, match="weights_init must be an array of numbers"):
+        GaussianMixture(n_components=2, weights_init=["a", "b"]).fit(x)
+    GaussianMixture(n_components=2, weights_init=np.array([0.5, 0.5000005], np.float32), max_iter=1).fit(x)
+
+
+def test_a_fit_whose_every_restart_collapses_raises_like_scikit_learn():
+    # Fifty identical points: with reg_covar=0 the component that takes them has a zero
+    # covariance. scikit-learn raises; the estimator must not return NaN scores.
+    x = np.concatenate([np.ones((50, 2)), np.random.default_rng(0).normal(5.0, 1.0, (50, 2))])
+    with pytest.raises(ValueError, match="ill-defined empirical covariance"):
+        ReferenceMixture(2, reg_covar=0.0, means_init=[[1.0, 1.0], [5.0, 5.0]]).fit(x)
+    for n_init in (1, 3):
+        with pytest.raises(ValueError, match="every restart's objective or parameters became NaN"):
+            GaussianMixture(2, reg_covar=0.0, n_init=n_init, means_init=[[1.0, 1.0], [5.0, 5.0]]).fit(x)
 
 
 # ---------------------------------------------------------------------------
