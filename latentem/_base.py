@@ -647,6 +647,8 @@ def check_x(x: Any, *, name: str = "x") -> Array:
         # fit of a session pays for every eager JAX operation it runs).
         finite_rows = np.isfinite(x).all(axis=1) if np.issubdtype(x.dtype, np.inexact) else None
         all_finite = finite_rows is None or bool(finite_rows.all())
+        if all_finite:
+            _check_representable(x, name)
         x = _transfer(x, jnp)
     else:
         x = jnp.asarray(x)
@@ -696,6 +698,25 @@ def check_weights(weights: Any, n_samples: int, dtype: Any, *, xp: Any = jnp) ->
         if not values.sum() > 0:
             raise ValueError("weights are all zero; at least one sample needs positive weight.")
     return _transfer(weights, xp)
+
+
+def _check_representable(x: np.ndarray, name: str) -> None:
+    """A ``ValueError`` for float64 host data beyond float32's range when JAX runs in
+    32-bit mode: the transfer would turn them into infinities, and the fit would end
+    ``NONFINITE`` on data that had none."""
+    target = np.dtype(jax.dtypes.canonicalize_dtype(x.dtype))
+    if not np.issubdtype(x.dtype, np.floating) or np.finfo(target).max >= np.finfo(x.dtype).max:
+        return
+    limit = np.finfo(target).max
+    if x.max() <= limit and x.min() >= -limit:  # two passes without a temporary array
+        return
+    rows = np.flatnonzero((np.abs(x) > limit).any(axis=1))
+    shown = ", ".join(str(r) for r in rows[:10]) + (", ..." if rows.size > 10 else "")
+    raise ValueError(
+        f"{name} has values beyond {target}'s range (magnitudes up to {limit:.4g}) in {rows.size} row(s): "
+        f"{shown}; JAX computes in {target}. Rescale the data, or enable float64 "
+        "(JAX_ENABLE_X64=1, or jax.config.update('jax_enable_x64', True) before any JAX work)."
+    )
 
 
 def _transfer(values: Any, xp: Any) -> Any:

@@ -129,8 +129,9 @@ def _check_options(args: argparse.Namespace) -> None:
         raise _UsageError(f"--max-iter must be at least 1; got {args.max_iter}.")
     if not args.tol >= 0:
         raise _UsageError(f"--tol must be non-negative; got {args.tol}.")
-    if args.seed < 0:
-        raise _UsageError(f"--seed must be a non-negative integer; got {args.seed}.")
+    if not 0 <= args.seed < 2**32:
+        # JAX keys from seeds of 2**32 and more repeat smaller seeds' keys in 32-bit mode.
+        raise _UsageError(f"--seed must be an integer from 0 to {2**32 - 1}; got {args.seed}.")
     for option, path in (("--output", args.output), ("--plot", args.plot)):
         if path is not None and not os.path.isdir(os.path.dirname(path) or "."):
             raise _UsageError(f"{option} {path}: the folder {os.path.dirname(path)} does not exist.")
@@ -151,15 +152,32 @@ def _load(path: str | None) -> tuple[np.ndarray, list[str], str]:
         raise _UsageError(str(error).splitlines()[0]) from None
     finite = np.isfinite(data)
     if not finite.all():
-        rows, columns = np.nonzero(~finite)
-        shown = ", ".join(str(lines[row]) for row in np.unique(rows)[:5])
-        more = ", ..." if np.unique(rows).size > 5 else ""
-        column_names = ", ".join(repr(names[c]) for c in np.unique(columns)[:5])
+        count, where = _rows_and_columns(~finite, lines, names)
         raise _UsageError(
-            f"{path} has {np.unique(rows).size} row(s) with missing, NaN or infinite values "
-            f"(line {shown}{more}; column {column_names}); remove or impute them."
+            f"{path} has {count} row(s) with missing, NaN or infinite values ({where}); "
+            "remove or impute them."
+        )
+    import jax
+
+    computed = np.dtype(jax.dtypes.canonicalize_dtype(np.float64))
+    beyond = np.abs(data) > np.finfo(computed).max
+    if beyond.any():  # finite here, infinite once in JAX's 32-bit floats
+        count, where = _rows_and_columns(beyond, lines, names)
+        raise _UsageError(
+            f"{path} has {count} row(s) with values beyond {computed}'s range, magnitudes up to "
+            f"{np.finfo(computed).max:.4g} ({where}); rescale them, or set JAX_ENABLE_X64=1 to "
+            "compute in float64."
         )
     return data, names, path
+
+
+def _rows_and_columns(cells: np.ndarray, lines: np.ndarray, names: list[str]) -> tuple[int, str]:
+    """The number of rows with a True cell, and "line a, b; column 'x'" naming them."""
+    rows, columns = np.nonzero(cells)
+    rows = np.unique(rows)
+    shown = ", ".join(str(lines[row]) for row in rows[:5]) + (", ..." if rows.size > 5 else "")
+    column_names = ", ".join(repr(names[c]) for c in np.unique(columns)[:5])
+    return rows.size, f"line {shown}; column {column_names}"
 
 
 def _check_enough_rows(data: np.ndarray, source: str, needed: int, option: str) -> None:

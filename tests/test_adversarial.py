@@ -60,6 +60,26 @@ def test_nonfinite_data_eager_error_names_rows(bad, three_blobs):
             call()
 
 
+def test_float64_data_beyond_the_computed_dtype_are_refused_not_turned_into_infinities(dtype, three_blobs):
+    # Finite float64 data; in JAX's 32-bit mode 5e38 has no float32 (the cast gives inf).
+    x = three_blobs * 1e37
+    x[[4, 17], 0] = 5e38
+    calls = (
+        lambda: lem.fit(MODEL, jax.random.key(0), x),
+        lambda: lem.score(MODEL, lem.fit(MODEL, jax.random.key(0), three_blobs).params, x),
+    )
+    if dtype == np.float64:  # representable: fitted, not refused
+        result = lem.fit(MODEL, jax.random.key(0), x)
+        assert np.isfinite(float(result.log_likelihood))
+        return
+    for call in calls:
+        with pytest.raises(
+            ValueError, match=r"beyond float32's range .* 2 row\(s\): 4, 17.*JAX_ENABLE_X64=1"
+        ):
+            call()
+    assert np.all(np.isfinite(x))  # the data are left as they were
+
+
 def test_nonfinite_data_under_jit_is_a_status_never_converged(dtype, three_blobs):
     clean = jnp.asarray(three_blobs, dtype)
     params = MODEL.init(jax.random.key(0), clean, ones(clean))

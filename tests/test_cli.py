@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from helpers import blobs
@@ -212,7 +213,17 @@ def test_bad_inputs_give_one_line_errors_and_a_fit_reports_progress(csv_file, tm
         (["--output", "no/such/folder/result.json"], r"the folder no/such/folder does not exist"),
         (["--bogus"], r"unrecognized arguments: --bogus"),
         (["fit", "a.csv", "b.csv"], r"unrecognized arguments: b\.csv"),
+        (["--seed", str(2**64)], r"--seed must be an integer from 0 to 4294967295; got 18446744073709551616"),
+        (["--seed", "-1"], r"--seed must be an integer from 0 to 4294967295"),
     ]
+    if not jax.config.jax_enable_x64:  # 5e38 is finite in the file, infinite in float32
+        (tmp_path / "huge.csv").write_text("a,b\n1.0,2.0\n3.0,5e38\n5.0,6.0\n-4e38,1.0\n")
+        cases.append(
+            (
+                ["fit", "huge.csv"],
+                r"2 row\(s\) with values beyond float32's range.*\(line 3, 5; column 'a', 'b'\)",
+            )
+        )
     fit = ["fit", str(csv_file), "-k", "3", "--progress", "on", "--output", "one.json", "--plot", "one.png"]
     one_column = ["fit", "one_column.csv", "-k", "2", "--plot", "one_column.png"]
     argvs = [argv for argv, _ in cases] + [fit, one_column]
@@ -266,6 +277,13 @@ def test_csv_with_or_without_header_row(tmp_path):
     (tmp_path / "gap.csv").write_text("1.5,,2\n3,4,5\n")
     data, names = read_csv(tmp_path / "gap.csv")
     assert names == ["1", "2", "3"] and data.shape == (2, 3) and np.isnan(data[0, 1])
+    # A byte-order mark, as spreadsheets write "CSV UTF-8", belongs to no cell.
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "plain.csv").read_bytes())
+    data, names = read_csv(tmp_path / "bom.csv")
+    assert names == ["1", "2", "3"] and data.shape == (7, 3)
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbfa,b,c\n" + (tmp_path / "plain.csv").read_bytes())
+    data, names = read_csv(tmp_path / "bom.csv")
+    assert names == ["a", "b", "c"] and data.shape == (7, 3)
     for header in ("a,b,c", "1,b,3", "x1, x2 ,x3"):
         (tmp_path / "named.csv").write_text(header + "\n" + (tmp_path / "plain.csv").read_text())
         data, names = read_csv(tmp_path / "named.csv")

@@ -35,7 +35,9 @@ def read_csv(path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
 
 def _read_csv(path: str | os.PathLike) -> tuple[np.ndarray, list[str], np.ndarray]:
     """:func:`read_csv`, with the line number in the file of each row of ``data``."""
-    with open(path, newline="") as handle:
+    # utf-8-sig drops the byte-order mark that spreadsheets write at the start of a
+    # "CSV UTF-8" file; read as text it would glue onto the first cell.
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         # Blank lines are skipped, but counted in the line numbers of the messages.
         rows = [
             (line, row) for line, row in enumerate(csv.reader(handle), start=1) if any(c.strip() for c in row)
