@@ -43,8 +43,8 @@ def hard_em(model: LatentModel) -> LatentModel:
     Ties (two states with exactly equal log joint) go to the lowest state index, as
     ``jnp.argmax`` does; ties have probability zero for continuous data but are common
     for discrete data, so the fitted partition may then depend on the state order.
-    ``Status.EMPTY_COMPONENT`` is not reported for hard-EM fits (a state can lose all
-    its samples; the base model's M-step decides what its parameters become).
+    A state that loses all its samples ends the fit with ``Status.EMPTY_COMPONENT``,
+    as in soft EM; the base model's M-step decides what its parameters become.
 
     The factory is memoised: ``hard_em(m) is hard_em(m)``, so compiled fits are reused.
 

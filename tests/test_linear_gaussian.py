@@ -214,6 +214,17 @@ def test_zero_weight_is_removal_and_integer_weight_is_repetition(fitted, data, d
     assert int(with_weights.n_iter) == int(with_copies.n_iter)
     tolerance = 1e-8 if dtype == np.float64 else 1e-3
     assert_trees_all_close(with_weights.params, with_copies.params, rtol=tolerance, atol=tolerance)
+    # A zero-weight row so far out that its square overflows is removed all the same,
+    # from the initialisation on (0 * inf would be NaN).
+    far = x.at[1].set(float(np.finfo(dtype).max) ** 0.75)
+    weights = jnp.asarray(weights, dtype)
+    far_start = model.init(jax.random.key(5), far, weights)
+    assert_trees_all_close(far_start, model.init(jax.random.key(5), x, weights), rtol=1e-12, atol=0)
+    with_far = fit(far_start, far, weights=weights, tol=1e-4)
+    assert int(with_far.status) == lem.Status.CONVERGED
+    assert_trees_all_close(
+        with_far.params, fit(far_start, x, weights=weights, tol=1e-4).params, rtol=1e-12, atol=0
+    )
 
 
 def test_vmap_over_datasets_equals_a_loop(fitted, data, dtype):

@@ -139,8 +139,9 @@ def _m_step(
     x = x.astype(weights.dtype)
     n_components, n_features = components.shape
     total = weights.sum()
-    # Differences to the current mean keep float32 accurate far from the origin.
-    centred = x - mean[None, :]
+    # Differences to the current mean keep float32 accurate far from the origin. Rows of
+    # zero weight are zeroed: a large one squared overflows, and 0 * inf is NaN.
+    centred = jnp.where((weights > 0)[:, None], x - mean[None, :], 0)
     # sum_n w_n E[z_n] E[z_n]^T from the weighted means: (w E)(w E)^T / w.
     safe_weights = jnp.where(weights > 0, weights, 1)
     outer = (weighted_means / safe_weights[:, None]).T @ weighted_means
@@ -177,6 +178,8 @@ def _initial(key: PRNGKey, x: Array, weights: Array, n_components: int) -> tuple
     x = jnp.asarray(x, float_dtype(x))
     weights = weights.astype(x.dtype)
     reference = x[jnp.argmax(weights > 0)]
+    # Rows of zero weight stand at the reference: removed, even where squaring overflows.
+    x = jnp.where((weights > 0)[:, None], x, reference[None, :])
     centred_mean = weights @ (x - reference[None, :]) / weights.sum()
     mean = centred_mean + reference
     variances = weights @ jnp.square(x - mean[None, :]) / weights.sum()
