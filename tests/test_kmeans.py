@@ -58,25 +58,63 @@ def test_matches_scikit_learn_lloyd_from_the_same_centres(dtype, data, weighted)
     )
 
 
-def test_objective_is_minus_inertia_up_to_constants_and_monotone(dtype, data):
+def test_objective_is_minus_log_inertia_up_to_constants_and_monotone(dtype, data):
     x, weights = data
     _, result = fitted(x, weights, dtype)
     n_iter = int(result.n_iter)
     history = np.asarray(result.history[:n_iter], np.float64)
     # Classification EM never lowers its objective.
     assert np.all(np.diff(history) >= -1e-6 * np.abs(history[1:]))
+    rtol = 1e-6 if dtype == np.float64 else 1e-5
+    # The M-step's variance is the within-cluster variance per feature (d = 2) ...
     inertia = float(lem.inertia(result.params, x.astype(dtype), weights))
-    expected = -inertia / (2 * weights.sum()) - math.log(2 * math.pi) - math.log(3)  # d = 2
-    np.testing.assert_allclose(
-        float(result.log_likelihood), expected, rtol=1e-6 if dtype == np.float64 else 1e-5
+    variance = inertia / (2 * weights.sum())
+    np.testing.assert_allclose(float(result.params.variance), variance, rtol=rtol)
+    # ... so the objective is -(d/2)(1 + log(2 pi variance)) - log K.
+    expected = -(1 + math.log(2 * math.pi * variance)) - math.log(3)
+    np.testing.assert_allclose(float(result.log_likelihood), expected, rtol=rtol)
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e-3, 1e3, 1e6])
+def test_fits_are_the_same_in_any_units(dtype, data, scale):
+    """Rescaling the data rescales the centres and changes nothing else: the labels, the
+    inertia over scale^2, and with the default tol the iteration at which the fit stops
+    (the objective's changes are relative changes of the inertia). With a unit variance,
+    float32 data in units of 1e-4 tied every sample in state 0."""
+    x, _ = data
+    x = x.astype(dtype)
+    start = MODEL.init(jax.random.key(0), x, jnp.ones(x.shape[0], dtype))
+    scaled_x = (x * scale).astype(dtype)
+    scaled_start = MODEL.init(jax.random.key(0), scaled_x, jnp.ones(x.shape[0], dtype))
+    rtol = 1e-9 if dtype == np.float64 else 1e-4
+    np.testing.assert_allclose(np.asarray(scaled_start.centres) / scale, start.centres, rtol=rtol, atol=rtol)
+    np.testing.assert_allclose(float(scaled_start.variance) / scale**2, float(start.variance), rtol=rtol)
+    fit = jax.jit(functools.partial(lem.fit_em, MODEL))  # default tol and max_iter
+    result, scaled = fit(start, x), fit(scaled_start, scaled_x)
+    assert int(result.status) == int(scaled.status) == lem.Status.CONVERGED
+    assert int(scaled.n_iter) == int(result.n_iter) >= 3
+    np.testing.assert_array_equal(
+        lem.predict(MODEL, scaled.params, scaled_x), lem.predict(MODEL, result.params, x)
     )
+    np.testing.assert_allclose(
+        float(lem.inertia(scaled.params, scaled_x)) / scale**2,
+        float(lem.inertia(result.params, x)),
+        rtol=rtol,
+    )
+    # From the same centres, scikit-learn's Lloyd on the scaled data gives the same labels.
+    reference = KMeans(
+        3, init=np.asarray(scaled_start.centres, np.float64), n_init=1, algorithm="lloyd", tol=0.0
+    )
+    reference.fit(np.asarray(scaled_x, np.float64))
+    lloyd = compiled_fit_em(MODEL)(scaled_start, scaled_x, tol=0.0)
+    np.testing.assert_array_equal(lem.predict(MODEL, lloyd.params, scaled_x), reference.labels_)
 
 
 def test_inertia_matches_brute_force(dtype, data):
     x, weights = data
     centres = np.array([[0.0, 0.0], [1.0, 1.0], [-2.0, 3.0]])
     distances = ((x[:, None, :] - centres[None, :, :]) ** 2).sum(axis=2).min(axis=1)
-    params = lem.KMeansParams(jnp.asarray(centres, dtype))
+    params = lem.KMeansParams(jnp.asarray(centres, dtype), jnp.asarray(1.0, dtype))
     np.testing.assert_allclose(
         float(lem.inertia(params, x.astype(dtype), weights)),
         (weights * distances).sum(),
@@ -109,24 +147,42 @@ def test_vmap_over_datasets_equals_a_loop(dtype):
 
 
 def test_recovers_centres_from_its_own_samples(dtype):
-    truth = lem.KMeansParams(jnp.asarray([[0.0, 0.0], [6.0, 0.0], [0.0, 6.0]], dtype))
+    truth = lem.KMeansParams(
+        jnp.asarray([[0.0, 0.0], [12.0, 0.0], [0.0, 12.0]], dtype), jnp.asarray(4.0, dtype)
+    )
     x, labels = MODEL.sample(jax.random.key(6), truth, 300)
     assert x.shape == (300, 2) and x.dtype == dtype and labels.dtype == jnp.int32
     result = lem.fit(MODEL, jax.random.key(7), x, n_init=2)
     centres = np.asarray(result.params.centres, np.float64)
-    truth = np.asarray(truth.centres, np.float64)
-    rows, cols = linear_sum_assignment(((centres[:, None] - truth[None]) ** 2).sum(axis=2))
-    # Unit-variance clusters of about 100 samples: each centre within 0.4 (4 standard errors).
-    np.testing.assert_allclose(centres[rows], truth[cols], atol=0.4)
+    rows, cols = linear_sum_assignment(
+        ((centres[:, None] - np.asarray(truth.centres)[None]) ** 2).sum(axis=2)
+    )
+    # Clusters of standard deviation 2 and about 100 samples: each centre within 0.8
+    # (4 standard errors), and the variance from 600 squared deviations within 4 standard
+    # errors (relative standard error sqrt(2 / 600)).
+    np.testing.assert_allclose(centres[rows], np.asarray(truth.centres)[cols], atol=0.8)
+    np.testing.assert_allclose(float(result.params.variance), 4.0, rtol=4 * math.sqrt(2 / 600))
 
 
 def test_empty_cluster_keeps_its_centre(dtype):
     x = jnp.asarray([[0.0, 0.0], [0.0, 1.0], [5.0, 5.0]], dtype)
-    params = lem.KMeansParams(jnp.asarray([[0.0, 0.5], [5.0, 5.0], [100.0, 100.0]], dtype))
+    params = lem.KMeansParams(
+        jnp.asarray([[0.0, 0.5], [5.0, 5.0], [100.0, 100.0]], dtype), jnp.asarray(1.0, dtype)
+    )
     stepped, _ = lem.em_step(MODEL, params, x)
     np.testing.assert_allclose(
         np.asarray(stepped.centres), [[0.0, 0.5], [5.0, 5.0], [100.0, 100.0]], rtol=1e-6
     )
+    # Inertia 0.5 over d = 2 features and 3 samples.
+    np.testing.assert_allclose(float(stepped.variance), 0.5 / 6, rtol=1e-6)
+
+
+def test_identical_samples_keep_a_positive_variance(dtype):
+    x = jnp.ones((10, 2), dtype)
+    result = lem.fit(lem.kmeans(1), jax.random.key(0), x)
+    assert int(result.status) == lem.Status.CONVERGED
+    assert 0 < float(result.params.variance) <= 10 * np.finfo(dtype).eps
+    np.testing.assert_array_equal(np.asarray(result.params.centres), np.ones((1, 2)))
 
 
 def test_check_model_passes(dtype, data):

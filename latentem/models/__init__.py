@@ -16,7 +16,7 @@ from latentem.models.gaussian_mixture import (
     GaussianMixtureUnconstrained,
     gaussian_mixture,
 )
-from latentem.models.kmeans import KMeansParams, inertia, kmeans
+from latentem.models.kmeans import KMeansParams, KMeansUnconstrained, inertia, kmeans
 from latentem.models.linear_gaussian import (
     FactorAnalysisParams,
     LinearGaussianPosterior,
@@ -35,6 +35,7 @@ __all__ = [
     "GaussianMixtureParams",
     "GaussianMixtureUnconstrained",
     "KMeansParams",
+    "KMeansUnconstrained",
     "LinearGaussianPosterior",
     "LinearGaussianUnconstrained",
     "PPCAParams",

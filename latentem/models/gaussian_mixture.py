@@ -505,6 +505,8 @@ def feature_variances(x: Array, sample_weights: Array) -> Array:
     """Weighted variance of each feature, shape ``(n_features,)``, constant features
     replaced as in ``_regulariser_scale``."""
     centred = x - _first_weighted_row(x, sample_weights)[None, :]
+    # Rows of zero weight are zeroed: a large one squared overflows, and 0 * inf is NaN.
+    centred = jnp.where((sample_weights > 0)[:, None], centred, 0)
     total = sample_weights.sum()
     mean = (sample_weights @ centred) / total
     second = (sample_weights @ jnp.square(centred)) / total

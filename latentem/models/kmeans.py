@@ -1,16 +1,24 @@
-r"""k-means as hard EM on a Gaussian mixture with equal weights and unit variance.
+r"""k-means as hard EM on a Gaussian mixture with equal weights and a shared spherical
+covariance.
 
 Lloyd's algorithm is classification EM (:func:`latentem.hard_em`) on the model
 
-.. math:: p(x_n, z_n = k) = \frac{1}{K}\, \mathcal{N}(x_n \mid c_k, I),
+.. math:: p(x_n, z_n = k) = \frac{1}{K}\, \mathcal{N}(x_n \mid c_k, \sigma^2 I),
 
-whose arg-max state is the nearest centre and whose M-step on a hard partition is the
-(weighted) mean of each cluster. The classification log-likelihood the engine reports is
-then an affine function of the inertia,
+whose arg-max state is the nearest centre whatever :math:`\sigma^2`, and whose M-step on
+a hard partition is the (weighted) mean of each cluster and the within-cluster variance
+:math:`\sigma^2 = \text{inertia} / (d \sum_n w_n)`. The classification log-likelihood
+the engine reports after an M-step is then
 
-.. math:: \ell_C = -\frac{\text{inertia}}{2 \sum_n w_n} - \frac{d}{2} \log 2\pi - \log K,
+.. math:: \ell_C = -\frac{d}{2} \Big(1 + \log \frac{2\pi\, \text{inertia}}{d \sum_n w_n}\Big)
+          - \log K,
 
-so EM's monotone objective is minus the inertia, up to constants.
+a decreasing function of the inertia, so EM's monotone objective is minus the inertia
+on a log scale: a change of ``tol`` in it is a relative change of the inertia, the
+same in any units of the data (as scikit-learn's ``tol`` is relative to the data's
+variance). A fixed unit variance instead made ``tol`` an absolute inertia in squared
+data units, and in float32 let the log joint's constant swamp the distances of data
+on a small scale (every sample then tied in state 0).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from latentem._base import (
 )
 from latentem._hard_em import hard_em
 from latentem.models._seeding import kmeans_plusplus, random_from_data, squared_distances
+from latentem.models.gaussian_mixture import feature_variances
 
 INITS = ("kmeans++", "random_from_data")
 
@@ -45,9 +54,21 @@ class KMeansParams(NamedTuple):
     Attributes:
       centres: cluster centres, shape ``(n_clusters, n_features)`` (scikit-learn's
         ``cluster_centers_``).
+      variance: the clusters' shared variance per feature, shape ``()``: the mean
+        squared distance of a sample to its centre, per feature (``inertia / (d sum w)``
+        after an M-step). It scales the log joint and ``sample``'s spread; the
+        assignments do not depend on it.
     """
 
     centres: Array
+    variance: Array
+
+
+class KMeansUnconstrained(NamedTuple):
+    """Unconstrained coordinates: the centres and ``log(variance)``."""
+
+    centres: Array
+    log_variance: Array
 
 
 def kmeans(n_clusters: int, init: str = "kmeans++") -> LatentModel:
@@ -62,10 +83,15 @@ def kmeans(n_clusters: int, init: str = "kmeans++") -> LatentModel:
     (centres, labels and inertia) as scikit-learn's ``KMeans(algorithm="lloyd",
     tol=0)``.
 
-    The underlying probabilistic model is an equal-weight mixture of unit-variance
-    isotropic Gaussians around the centres (see the module docstring): ``log_joint`` is
-    its log joint density, ``sample`` draws from it, and ``result.log_likelihood`` is
-    the classification log-likelihood, an affine function of :func:`inertia`.
+    The underlying probabilistic model is an equal-weight mixture of isotropic
+    Gaussians around the centres with a shared variance, which the M-step sets to the
+    within-cluster variance (see the module docstring): ``log_joint`` is its log joint
+    density, ``sample`` draws from it, and ``result.log_likelihood`` is the
+    classification log-likelihood, :math:`-\tfrac{d}{2}\log` of :func:`inertia` plus
+    a constant, so that ``tol`` is a relative change of the inertia: a fit stops when
+    an iteration lowers the inertia by a fraction of less than about ``2 tol / d``
+    (``tol=0`` runs ``max_iter`` iterations, to Lloyd's fixed point where it is
+    reached).
 
     Initialisation (``init``): ``"kmeans++"`` (greedy weighted k-means++, as
     scikit-learn's default) or ``"random_from_data"`` (distinct samples drawn with
@@ -111,14 +137,17 @@ def _kmeans(n_clusters: int, init: str) -> LatentModel:
     def check_params(params: KMeansParams) -> None:
         n_features = params.centres.shape[-1]
         check_param_shapes(
-            params, {"centres": (n_clusters, n_features)}, f"kmeans({n_clusters}) with {n_features} features"
+            params,
+            {"centres": (n_clusters, n_features), "variance": ()},
+            f"kmeans({n_clusters}) with {n_features} features",
         )
 
     def log_joint(params: KMeansParams, x: Array) -> Array:
         check_data(x, params)
         x = x.astype(params.centres.dtype)
-        constant = 0.5 * x.shape[1] * math.log(2 * math.pi) + math.log(n_clusters)
-        return -0.5 * squared_distances(x, params.centres) - constant
+        variance = params.variance.astype(params.centres.dtype)
+        constant = 0.5 * x.shape[1] * jnp.log(2 * math.pi * variance) + math.log(n_clusters)
+        return -0.5 * squared_distances(x, params.centres) / variance - constant
 
     def m_step(x: Array, responsibilities: Array, params: KMeansParams) -> KMeansParams:
         check_data(x, params)
@@ -132,7 +161,8 @@ def _kmeans(n_clusters: int, init: str) -> LatentModel:
         # from the origin.
         reference = x[jnp.argmax(responsibilities.sum(axis=1) > 0)]
         means = (responsibilities.T @ (x - reference[None, :])) / safe_counts[:, None] + reference[None, :]
-        return KMeansParams(jnp.where(empty[:, None], params.centres, means))
+        centres = jnp.where(empty[:, None], params.centres, means)
+        return KMeansParams(centres, _within_variance(x, responsibilities, centres))
 
     def initialize(key: PRNGKey, x: Array, weights: Array) -> KMeansParams:
         check_data(x)
@@ -143,7 +173,10 @@ def _kmeans(n_clusters: int, init: str) -> LatentModel:
             )
         x = jnp.asarray(x, float_dtype(x))
         seed = kmeans_plusplus if init == "kmeans++" else random_from_data
-        return KMeansParams(seed(key, x, n_clusters, weights.astype(x.dtype)))
+        weights = weights.astype(x.dtype)
+        centres = seed(key, x, n_clusters, weights)
+        nearest = jax.nn.one_hot(jnp.argmin(squared_distances(x, centres), axis=1), n_clusters, dtype=x.dtype)
+        return KMeansParams(centres, _within_variance(x, weights[:, None] * nearest, centres))
 
     def sample(key: PRNGKey, params: KMeansParams, n_samples: int) -> tuple[Array, Array]:
         n_samples = check_positive_int(n_samples, "n_samples")
@@ -151,14 +184,17 @@ def _kmeans(n_clusters: int, init: str) -> LatentModel:
         label_key, noise_key = jax.random.split(key)
         labels = jax.random.randint(label_key, (n_samples,), 0, n_clusters, dtype=jnp.int32)
         noise = jax.random.normal(noise_key, (n_samples, params.centres.shape[1]), params.centres.dtype)
-        return params.centres[labels] + noise, labels
+        return params.centres[labels] + jnp.sqrt(params.variance) * noise, labels
 
     def n_parameters(params: KMeansParams) -> int:
         check_params(params)
-        return int(params.centres.shape[0] * params.centres.shape[1])
+        return int(params.centres.shape[0] * params.centres.shape[1]) + 1
 
-    def identity(params: KMeansParams) -> KMeansParams:
-        return KMeansParams(params.centres)
+    def to_unconstrained(params: KMeansParams) -> KMeansUnconstrained:
+        return KMeansUnconstrained(params.centres, jnp.log(params.variance))
+
+    def from_unconstrained(unconstrained: KMeansUnconstrained) -> KMeansParams:
+        return KMeansParams(unconstrained.centres, jnp.exp(unconstrained.log_variance))
 
     return hard_em(
         LatentModel(
@@ -167,10 +203,27 @@ def _kmeans(n_clusters: int, init: str) -> LatentModel:
             m_step=m_step,
             sample=sample,
             n_parameters=n_parameters,
-            to_unconstrained=identity,
-            from_unconstrained=identity,
+            to_unconstrained=to_unconstrained,
+            from_unconstrained=from_unconstrained,
         )
     )
+
+
+def _within_variance(x: Array, responsibilities: Array, centres: Array) -> Array:
+    r"""The shared variance maximising the expected log joint for given centres,
+
+    .. math:: \sigma^2 = \frac{\sum_{n,k} r_{nk} \lVert x_n - c_k \rVert^2}{d \sum_{n,k} r_{nk}},
+
+    from explicit differences (exact far from the origin), kept above eps times the
+    data's mean feature variance so that identical samples leave it positive.
+    """
+    distances = squared_distances(x, centres)
+    # A zero-weight row far out has an infinite distance: 0 * inf would be NaN.
+    within = jnp.sum(jnp.where(responsibilities > 0, responsibilities * distances, 0))
+    sample_weights = responsibilities.sum(axis=1)
+    variance = within / (sample_weights.sum() * x.shape[1])
+    floor = jnp.finfo(x.dtype).eps * jnp.mean(feature_variances(x, sample_weights))
+    return jnp.maximum(variance, floor)
 
 
 def inertia(params: KMeansParams, x: Array, weights: Array | None = None) -> Array:
@@ -190,7 +243,7 @@ def inertia(params: KMeansParams, x: Array, weights: Array | None = None) -> Arr
 
     Example:
       >>> import jax.numpy as jnp, latentem as lem
-      >>> params = lem.KMeansParams(jnp.array([[0.0], [10.0]]))
+      >>> params = lem.KMeansParams(jnp.array([[0.0], [10.0]]), jnp.array(1.0))
       >>> float(lem.inertia(params, jnp.array([[1.0], [8.0]])))
       5.0
     """
