@@ -560,6 +560,33 @@ def check_model_data(model: LatentModel, x: Array) -> None:
         model.check_data(x)
 
 
+def checked_log_joint(log_joint_fn: LogJointFn, params: Params, x: Array) -> Array:
+    """``log_joint_fn(params, x)``, or a ``ValueError`` when its shape is not
+    ``(n_samples, n_states)``. Shapes are static, so a wrong one is refused while tracing,
+    instead of broadcasting against the sample weights into wrong numbers."""
+    log_joint = log_joint_fn(params, x)
+    shape = jnp.shape(log_joint)
+    if len(shape) != 2 or shape[0] != x.shape[0]:
+        raise ValueError(
+            f"log_joint must return shape (n_samples, n_states) = ({x.shape[0]}, n_states); got {shape}"
+            + (" (transpose a log joint computed states-first)." if shape[-1:] == (x.shape[0],) else ".")
+        )
+    return log_joint
+
+
+def checked_posterior(model: LatentModel, params: Params, x: Array) -> tuple[Any, Array]:
+    """``model.posterior(params, x)``, or a ``ValueError`` when the log-likelihood it
+    returns is not one value per sample, shape ``(n_samples,)``: an ``(n, 1)`` column
+    broadcast against the weights into an ``(n, n)`` objective, n times too large."""
+    posterior, log_likelihood = model.posterior(params, x)
+    if jnp.shape(log_likelihood) != (x.shape[0],):
+        raise ValueError(
+            "posterior must return (posterior, log_likelihood) with log_likelihood of shape "
+            f"(n_samples,) = ({x.shape[0]},), log p(x_n) of each sample; got {jnp.shape(log_likelihood)}."
+        )
+    return posterior, log_likelihood
+
+
 def float_dtype(x: Array) -> np.dtype:
     """The floating dtype that computations on ``x`` use: its own if float32 or float64
     (float64 only when JAX has x64 enabled), float32 for half precision (float16,

@@ -35,6 +35,8 @@ from latentem._base import (
     check_positive_int,
     check_weights,
     check_x,
+    checked_log_joint,
+    checked_posterior,
     float_dtype,
     is_concrete,
     jit,
@@ -91,7 +93,7 @@ def e_step(model: LatentModel, params: Params, x: Array) -> tuple[Posterior, Arr
       ((4, 2), (4,))
     """
     if model.posterior is not None:
-        return model.posterior(params, x)
+        return checked_posterior(model, params, x)
     if model.log_joint is None:
         raise ValueError("The model has neither log_joint nor posterior; give it one of them.")
     responsibilities, log_likelihood = _responsibilities_by_state(model, params, x)
@@ -120,7 +122,7 @@ def _responsibilities_by_state(
     against 6.8 ms of XLA's operations per iteration outside the scatter, means of six
     alternating runs). Not used where the result is differentiated.
     """
-    log_joint = model.log_joint(params, x).T
+    log_joint = checked_log_joint(model.log_joint, params, x).T
     if materialise:
         log_joint = optimization_barrier(log_joint)
     log_likelihood = logsumexp(log_joint, axis=0)
@@ -276,7 +278,7 @@ def _unfused_iteration(
         weighted_by_state, log_likelihood_sum = _weighted_responsibilities_by_state(model, params, x, weights)
         weighted, state_mass = weighted_by_state.T, weighted_by_state.sum(axis=1)
         return model.m_step(x, weighted, params), log_likelihood_sum, state_mass
-    posterior, log_likelihood = model.posterior(params, x)
+    posterior, log_likelihood = checked_posterior(model, params, x)
     weighted = _weighted_posterior(posterior, weights)
     state_mass = weighted.sum(axis=0) if model.log_joint is not None else None
     return model.m_step(x, weighted, params), _weighted_log_likelihood(log_likelihood, weights), state_mass
@@ -638,7 +640,7 @@ def predict(model: LatentModel, params: Params, x: Array) -> Array:
       [0, 1]
     """
     _require_log_joint(model, "predict")
-    return jnp.argmax(model.log_joint(params, check_x(x)), axis=1).astype(jnp.int32)
+    return jnp.argmax(checked_log_joint(model.log_joint, params, check_x(x)), axis=1).astype(jnp.int32)
 
 
 def predict_proba(model: LatentModel, params: Params, x: Array) -> Array:

@@ -13,7 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from latentem._base import Array, LatentModel, Params
+from latentem._base import Array, LatentModel, Params, checked_log_joint
 
 
 def hard_em(model: LatentModel) -> LatentModel:
@@ -86,7 +86,7 @@ def _hard_em(model: LatentModel) -> LatentModel:
     log_joint_fn = model.log_joint
 
     def posterior(params: Params, x: Array) -> tuple[Array, Array]:
-        log_joint = log_joint_fn(params, x)
+        log_joint = checked_log_joint(log_joint_fn, params, x)
         labels = jnp.argmax(log_joint, axis=1)
         assignments = jax.nn.one_hot(labels, log_joint.shape[1], dtype=log_joint.dtype)
         # max, not a gather at the labels: the same number, and no index arithmetic.

@@ -6,6 +6,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.scipy.special import gammaln
 from scipy import special, stats
@@ -396,3 +397,61 @@ def test_only_large_fits_pay_for_tuned_compilation(dtype, datasets):
         "tuned",
     ]
     assert lem._base.tiny_problem(small) and not lem._base.tiny_problem(small, n_fits=5)
+
+
+def misshapen_model(case: str) -> lem.LatentModel:
+    """A built-in model with one output in the wrong shape."""
+    if case == "column log-likelihood":
+        ppca = lem.ppca(1)
+
+        def column_posterior(params, x):
+            posterior, log_likelihood = ppca.posterior(params, x)
+            return posterior, log_likelihood[:, None]
+
+        return lem.LatentModel(**{**ppca._asdict(), "posterior": column_posterior})
+    mixture = lem.gaussian_mixture(2, "diag")
+    transposed = lem.LatentModel(
+        **{
+            **mixture._asdict(),
+            "log_joint": lambda params, x: mixture.log_joint(params, x).T,
+            "fused_step": None,
+            "fused_prepare": None,
+        }
+    )
+    return lem.hard_em(transposed) if case == "hard EM, states-first log joint" else transposed
+
+
+@pytest.mark.parametrize(
+    "case, pattern",
+    [
+        (
+            "states-first log joint",
+            r"log_joint must return shape \(n_samples, n_states\) = \(120, n_states\); got \(2, 120\)",
+        ),
+        ("hard EM, states-first log joint", r"log_joint must return shape .* got \(2, 120\)"),
+        ("column log-likelihood", r"log_likelihood of shape \(n_samples,\) = \(120,\).*got \(120, 1\)"),
+    ],
+    ids=["states-first", "hard-em", "column"],
+)
+def test_misshapen_outputs_of_a_custom_model_are_refused_while_tracing(dtype, case, pattern):
+    """Shapes are static: a log joint states-first, or a posterior's log-likelihood as a
+    column, get a ValueError naming the function. The column used to broadcast against
+    the weights into an (n, n) objective: fits 'converged' to numbers n times too large."""
+    x = jnp.asarray(blobs(0, n_per_cluster=40), dtype)
+    model = misshapen_model(case)
+    params = model.init(jax.random.key(0), x, jnp.ones(x.shape[0], dtype))
+    calls = [
+        lambda: lem.fit(model, jax.random.key(0), x),
+        lambda: lem.fit_em(model, params, x),
+        lambda: jax.jit(functools.partial(lem.fit_em, model))(params, x),
+        lambda: lem.em_step(model, params, x),
+        lambda: lem.e_step(model, params, x),
+        lambda: lem.score(model, params, x),
+        lambda: lem.bic(model, params, x),
+        lambda: lem.fit_gradient(model, params, x, optax.adam(0.1), num_steps=2),
+    ]
+    if model.log_joint is not None:
+        calls.append(lambda: lem.predict(model, params, x))
+    for call in calls:
+        with pytest.raises(ValueError, match=pattern):
+            call()
