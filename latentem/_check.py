@@ -657,6 +657,14 @@ def _check_m_step_stationary(ctx: _Context, analyses: list[Any]) -> str:
     for _, _, _, at_m_step, at_nearby in analyses:
         ratios = _gradient_ratios(_norms(at_m_step), _norms(at_nearby), ctx.dtype)
         for path, ratio in ratios.items():
+            if math.isnan(ratio):
+                raise _Failed(
+                    f"the gradient of the expected complete-data log-likelihood Q with respect to "
+                    f"{path or 'the parameters'} is NaN at m_step's output on random posteriors: "
+                    "Q or its gradient is not finite there, usually a log of a zero probability "
+                    "(0 * log 0) or a division by zero. Guard them (jnp.where, jax.scipy.special.xlogy) "
+                    "so that Q and its gradient stay finite where a state or category has no mass."
+                )
             if not math.isfinite(ratio) or ratio > rtol:
                 raise _Failed(
                     f"the M-step's output is not a stationary point of the expected complete-data "

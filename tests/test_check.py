@@ -216,3 +216,28 @@ def test_minimal_model_skips_what_it_cannot_check_and_reports_crashes(dtype):
     assert report["functions"].passed is False
     assert "RuntimeError: not written yet" in report["functions"].message
     assert all(finding.passed is None for finding in report.findings[1:])
+
+
+def log_joint_with_unguarded_logs(params, x):
+    """Planted mistake 6 (with the M-step below): x log(rate) as a product, NaN where a
+    rate and its counts are 0, as in the README's minimal model."""
+    log_p = x @ jnp.log(params.rates).T - params.rates.sum(axis=1)[None, :]
+    return log_p - gammaln(x + 1).sum(axis=1)[:, None] + jnp.log(params.weights)[None, :]
+
+
+def m_step_without_a_floor(x, responsibilities, params):
+    counts = responsibilities.sum(axis=0)
+    return lem.PoissonMixtureParams(counts / counts.sum(), responsibilities.T @ x / counts[:, None])
+
+
+def test_a_nan_gradient_points_at_logs_of_zero(counts):
+    """A feature that is always 0 gets a maximum-likelihood rate of 0; an unguarded
+    0 * log 0 makes Q's gradient NaN there, which the report says (not "the M-step does
+    not maximise Q"). The built-in model (rates floored) passes."""
+    x = counts.copy()
+    x[:, 1] = 0
+    assert lem.check_model(BASE, jax.random.key(0), x, n_samples=500).passed
+    unguarded = BASE._replace(log_joint=log_joint_with_unguarded_logs, m_step=m_step_without_a_floor)
+    finding = lem.check_model(unguarded, jax.random.key(0), x, n_samples=500)["m_step_stationary"]
+    assert finding.passed is False
+    assert "is NaN at m_step's output" in finding.message and "0 * log 0" in finding.message

@@ -635,7 +635,10 @@ def _poisson_mixture(n_components: int, smoothing: float, init: str) -> LatentMo
         support = _outside_support((x >= 0) & _is_whole(x)).astype(x.dtype)
         # gammaln of a negative count would be finite garbage; the support term says -inf.
         log_normaliser = gammaln(jnp.abs(x) + 1).sum(axis=1)
-        log_p = x @ jnp.log(params.rates).T - (log_normaliser - support)[:, None]
+        # Rates at least the smallest normal float: a rate of exactly 0 (a feature never
+        # counted, its rate underflowed or given so) would make 0 * log 0 NaN in the product.
+        log_rates = jnp.log(jnp.maximum(params.rates, jnp.finfo(params.rates.dtype).tiny))
+        log_p = x @ log_rates.T - (log_normaliser - support)[:, None]
         return log_p + (jnp.log(params.weights) - params.rates.sum(axis=1))[None, :]
 
     def estimate(x: Array, responsibilities: Array) -> tuple[Array, Array, Array]:
