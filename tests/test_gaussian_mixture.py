@@ -507,12 +507,12 @@ def numpy_em_iteration(x, weights, start, reg_covar):
     return (counts / counts.sum(), new_means, new_covariances), np.sum(weights * log_p)
 
 
-def expanded_rounding(x, weights, params):
+def expanded_cancellation(x, weights, params):
     module = importlib.import_module("latentem.models.gaussian_mixture")
     xw = jnp.asarray(weights, params.means.dtype)
     reference = (xw @ jnp.asarray(x, params.means.dtype)) / xw.sum()
     factor = module.precision_cholesky(params.covariances, "full")
-    return float(module._expanded_rounding(params, reference, factor))
+    return float(module._expanded_cancellation(params, reference, factor))
 
 
 def test_expanded_iteration_matches_numpy(dtype):
@@ -524,7 +524,7 @@ def test_expanded_iteration_matches_numpy(dtype):
     model = lem.gaussian_mixture(3, reg_covar=1e-6, reg_covar_mode="absolute", moments="expanded")
     params = to_params(*start, dtype)
     assert module._expanded_applies(x.shape[0], 3, x.shape[1], always=True)
-    assert expanded_rounding(x, weights, params) <= module._EXPANDED_MAX_ROUNDING
+    assert expanded_cancellation(x, weights, params) <= module._EXPANDED_MAX_CANCELLATION
     iteration = jax.jit(model.fused_step)(params, jnp.asarray(x, dtype), jnp.asarray(weights, dtype))
     assert_iteration_matches(iteration, numpy_em_iteration(x, weights, start, 1e-6), weights, dtype)
 
@@ -660,25 +660,25 @@ def test_fit_forms_the_products_of_features_once_outside_the_loop(dtype):
 
 
 def test_expanded_iteration_falls_back_to_centred_where_it_would_lose_digits(dtype):
-    """Clusters about 400 standard deviations apart: the guard exceeds its limit, and the
-    iteration is the centred one (the expanded moments alone are off by far more)."""
+    """Clusters about 400 standard deviations apart: the expansion would lose more than
+    11 bits, so the guard exceeds its limit in either dtype and the iteration is the
+    centred one (in float32 the expanded moments alone are off by far more)."""
     x, weights, start = expanded_case(separation=400, seed=2, start_at_truth=True)
     module = importlib.import_module("latentem.models.gaussian_mixture")
     params = to_params(*start, dtype)
-    # The guard scales with eps: in float64 the expanded form is still accurate here.
-    limit = module._EXPANDED_MAX_ROUNDING
-    rounding = expanded_rounding(x, weights, params)
+    assert expanded_cancellation(x, weights, params) > module._EXPANDED_MAX_CANCELLATION
     model = lem.gaussian_mixture(3, reg_covar=1e-6, reg_covar_mode="absolute", moments="expanded")
     centred = lem.gaussian_mixture(3, reg_covar=1e-6, reg_covar_mode="absolute", moments="centred")
     xj, wj = jnp.asarray(x, dtype), jnp.asarray(weights, dtype)
     fused = jax.jit(model.fused_step)(params, xj, wj)
     engine = jax.jit(lambda p, x, w: lem.em_step(centred, p, x, weights=w))(params, xj, wj)
     (_, _, covariances_ref), _ = numpy_em_iteration(x, weights, start, 1e-6)
+    scale = float(np.abs(covariances_ref).max())
+    tolerance = rtol_for(dtype, 1e-12, 1e-6)
+    assert_trees_all_close(fused[0], engine[0], rtol=tolerance, atol=tolerance * scale)
+    error = np.max(np.abs(np.asarray(fused[0].covariances, np.float64) - covariances_ref))
+    assert error <= rtol_for(dtype, 1e-12, 1e-5) * scale
     if dtype == np.float32:
-        assert rounding > limit
-        assert_trees_all_close(
-            fused[0], engine[0], rtol=1e-6, atol=1e-6 * float(np.abs(covariances_ref).max())
-        )
         # What the guard avoids: the expanded moments alone, far off in float32.
         reference = (wj @ xj) / wj.sum()
         features = module._product_features(xj - reference[None, :])
@@ -687,11 +687,39 @@ def test_expanded_iteration_falls_back_to_centred_where_it_would_lose_digits(dty
         )
         covariances = moments.scatter / moments.counts[:, None, None]
         error = np.max(np.abs(np.asarray(covariances, np.float64) - covariances_ref))
-        assert error > 1e-4 * np.abs(covariances_ref).max()
-    else:
-        assert rounding <= limit
-    error = np.max(np.abs(np.asarray(fused[0].covariances, np.float64) - covariances_ref))
-    assert error <= rtol_for(dtype, 1e-9, 1e-5) * np.abs(covariances_ref).max()
+        assert error > 1e-4 * scale
+
+
+def test_expanded_guard_sees_narrow_correlated_components(dtype):
+    """Narrow components (condition number 1e6, three short axes) with their long axis
+    off the coordinate axes and their means 3 standard deviations apart along it: the
+    whitened distances to the data's mean are small, but the expanded terms
+    P_ij y_i y_j, about |y|^2 / lambda_min, are large and cancel. The guard counts the
+    terms (|m|' |P| |m|), so the iteration is the centred one and matches a float64
+    NumPy iteration. The whitened distance alone let the expansion through: in float32,
+    from parameters of a soft M-step on these data, one iteration's weights were off by
+    2.3e-3 (1.2e-5 centred) and its mean log-likelihood by 1.8e-2 (1.7e-5)."""
+    module = importlib.import_module("latentem.models.gaussian_mixture")
+    rng = np.random.default_rng(10)
+    rotation, _ = np.linalg.qr(rng.normal(size=(4, 4)))
+    covariance = (rotation * np.array([1.0, 1e-6, 1e-6, 1e-6])) @ rotation.T
+    means = np.array([-3.0, 0.0, 3.0])[:, None] * rotation[:, 0][None, :]
+    x = np.concatenate([rng.multivariate_normal(mean, covariance, 10000) for mean in means])
+    weights = np.ones(x.shape[0])
+    start = (np.full(3, 1 / 3), means, np.stack([covariance] * 3))
+    params = to_params(*start, dtype)
+    xj, wj = jnp.asarray(x, dtype), jnp.asarray(weights, dtype)
+    reference = (wj @ xj) / wj.sum()
+    factor = module.precision_cholesky(params.covariances, "full")
+    projected = jnp.einsum("kd,kde->ke", params.means - reference[None, :], factor)
+    whitened = float(jnp.max(jnp.sum(jnp.square(projected), axis=1)))
+    assert whitened <= module._EXPANDED_MAX_CANCELLATION  # what the guard measured before
+    assert expanded_cancellation(x, weights, params) > module._EXPANDED_MAX_CANCELLATION
+    model = lem.gaussian_mixture(3, reg_covar=1e-9, reg_covar_mode="absolute", moments="expanded")
+    iteration = jax.jit(model.fused_step)(params, xj, wj)
+    (weights_ref, _, _), _ = numpy_em_iteration(x, weights, start, 1e-9)
+    error = np.max(np.abs(np.asarray(iteration[0].weights, np.float64) - weights_ref))
+    assert error <= rtol_for(dtype, 1e-10, 1e-4), error
 
 
 @pytest.mark.parametrize("covariance_type", ["full", "diag"])
@@ -799,11 +827,11 @@ def numpy_diagonal_em_iteration(x, weights, start, reg_covar, covariance_type):
     return (counts / counts.sum(), new_means, new_variances + reg_covar), np.sum(weights * log_p)
 
 
-def diagonal_rounding(x, weights, params):
+def diagonal_cancellation(x, weights, params):
     module = importlib.import_module("latentem.models.gaussian_mixture")
     xw = jnp.asarray(weights, params.means.dtype)
     reference = (xw @ jnp.asarray(x, params.means.dtype)) / xw.sum()
-    return float(module._diagonal_expanded_rounding(params, reference))
+    return float(module._diagonal_expanded_cancellation(params, reference))
 
 
 @pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
@@ -819,7 +847,7 @@ def test_diagonal_expanded_iteration_matches_numpy(covariance_type, dtype):
     params = to_params(*start, dtype)
     xj, wj = jnp.asarray(x, dtype), jnp.asarray(weights, dtype)
     assert isinstance(model.fused_prepare(xj, wj), module._DiagonalExpandedData)
-    assert diagonal_rounding(x, weights, params) <= module._EXPANDED_MAX_ROUNDING
+    assert diagonal_cancellation(x, weights, params) <= module._EXPANDED_MAX_CANCELLATION
     reference = numpy_diagonal_em_iteration(x, weights, start, 1e-6, covariance_type)
     for prepared in (None, model.fused_prepare(xj, wj)):  # em_step's call, and fit_em's
         iteration = jax.jit(model.fused_step)(params, xj, wj, prepared)
@@ -848,9 +876,10 @@ def test_diagonal_expanded_fit_equals_centred_fit(covariance_type, dtype):
 
 
 def test_diagonal_expanded_iteration_falls_back_to_centred_where_it_would_lose_digits(dtype):
-    """Clusters about 400 standard deviations apart: in float32 the guard exceeds its
-    limit and the iteration is the centred one, where the expanded moments alone lose
-    digits; in float64 the expansion stays accurate and is taken."""
+    """Clusters about 400 standard deviations apart: the expansion would lose more than
+    11 bits, so in either dtype the guard exceeds its limit and the iteration is the
+    centred one (in float64 it had been taken, its variances 3.5e-11 off, where the
+    centred ones are 1e-15)."""
     module = importlib.import_module("latentem.models.gaussian_mixture")
     x, weights, start = diagonal_case("diag", separation=400, seed=2, start_at_truth=True)
     params = to_params(*start, dtype)
@@ -861,18 +890,20 @@ def test_diagonal_expanded_iteration_falls_back_to_centred_where_it_would_lose_d
     fused = jax.jit(model.fused_step)(params, xj, wj)
     engine = jax.jit(lambda p, x, w: lem.em_step(centred, p, x, weights=w))(params, xj, wj)
     (_, _, variances_ref), _ = numpy_diagonal_em_iteration(x, weights, start, 1e-6, "diag")
-    rounding = diagonal_rounding(x, weights, params)
+    assert diagonal_cancellation(x, weights, params) > module._EXPANDED_MAX_CANCELLATION
+    assert_trees_all_close(
+        fused[0],
+        engine[0],
+        rtol=rtol_for(dtype, 1e-12, 1e-6),
+        atol=rtol_for(dtype, 1e-12, 1e-6) * float(np.abs(variances_ref).max()),
+    )
     if dtype == np.float32:
-        assert rounding > module._EXPANDED_MAX_ROUNDING
-        assert_trees_all_close(fused[0], engine[0], rtol=1e-6, atol=1e-6 * float(np.abs(variances_ref).max()))
         data = module._diagonal_expanded_data(xj, wj)
         moments = module._diagonal_expanded_moments(data.features, wj, params, data.reference)
         variances = np.asarray(moments.scatter / moments.counts[:, None], np.float64)
         assert np.max(np.abs(variances - variances_ref)) > 1e-4 * np.abs(variances_ref).max()
-    else:
-        assert rounding <= module._EXPANDED_MAX_ROUNDING
     error = np.max(np.abs(np.asarray(fused[0].covariances, np.float64) - variances_ref))
-    assert error <= rtol_for(dtype, 1e-9, 1e-5) * np.abs(variances_ref).max()
+    assert error <= rtol_for(dtype, 1e-12, 1e-5) * np.abs(variances_ref).max()
 
 
 @pytest.mark.parametrize("covariance_type", ["diag", "spherical"])

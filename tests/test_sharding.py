@@ -75,8 +75,8 @@ SCRIPT = textwrap.dedent(
             gm = importlib.import_module("latentem.models.gaussian_mixture")
             reference = (weights @ x) / weights.sum()
             factor = gm.precision_cholesky(sharded.params.covariances, "full")
-            rounding = float(gm._expanded_rounding(sharded.params, reference, factor))
-            assert rounding <= gm._EXPANDED_MAX_ROUNDING, rounding
+            cancellation = float(gm._expanded_cancellation(sharded.params, reference, factor))
+            assert cancellation <= gm._EXPANDED_MAX_CANCELLATION, cancellation
         report[name] = {
             "fit_em": difference(sharded.params, plain.params),
             "fit_em_objective": abs(float(sharded.log_likelihood - plain.log_likelihood)),

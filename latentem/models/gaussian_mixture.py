@@ -211,7 +211,7 @@ _KERNEL_MODES = {"gpu": "compiled"}
 # precision, the centred products run in TF32 and the expanded ones (in float32) are
 # also the more accurate. On a CPU the default products are float32 and the centred
 # moments accurate to round-off, so "auto" keeps them; "expanded" is the opt-in there,
-# with the accuracy of _expanded_rounding. Since its products of features are formed
+# with the accuracy of _expanded_cancellation. Since its products of features are formed
 # once per fit (they depend on the data alone) rather than at every iteration, it is
 # the faster form on a 2-core AMD EPYC without AVX-512: float32 (1e5, 8, 8) 5.3 against
 # 9.1 ms per iteration centred, (1e5, 32, 16) 84 against 105 ms, in one benchmark run
@@ -222,9 +222,13 @@ _EXPANDED_MIN_VALUES = 1 << 22
 # The products of features, n (d + 1)(d + 2) / 2 values, are formed in one piece and
 # held for the whole fit: above this many the fit keeps the centred moments (memory).
 _EXPANDED_MAX_FEATURE_VALUES = 1 << 30
-# The expanded form is used for an iteration only when eps max_k (mu_k - c)' Sigma_k^-1
-# (mu_k - c) is at most this (see _expanded_rounding).
-_EXPANDED_MAX_ROUNDING = 2.0**-12
+# The expanded form is used for an iteration only when its terms exceed the sums they
+# cancel to by at most this factor (_expanded_cancellation): it then loses at most 11
+# bits against the centred form, 2^-12 relative in float32 and 2^-41 in float64. A
+# bound of 2^-12 on eps times the factor, in both dtypes, let float64 fits lose up to
+# 40 bits (a diagonal fit's variances 4.5e-6 off, with a cluster of standard deviation
+# 1e-3 at 100 from the data's mean, against 4e-15 centred).
+_EXPANDED_MAX_CANCELLATION = 2.0**11
 # On these backends the moments (w r)' phi, one contraction over every sample with a
 # small (k, F) result, are a batched product over blocks of this many samples and a sum
 # of the blocks' results: as one GEMM, the long contraction leaves most of a GPU idle.
@@ -240,17 +244,17 @@ _EXPANDED_BLOCK_SAMPLES = {"gpu": 4096}
 # values of y = x - c, formed once per fit, where the centred form reduces (k, d, n)
 # deviations elementwise. "auto" takes it on these backends for float64 fits of at
 # least this many values n k d, with the same guard as the full expanded form
-# (_diagonal_expanded_rounding). benchmarks/single.py --diagonal on a 2-core AMD EPYC,
+# (_diagonal_expanded_cancellation). benchmarks/single.py --diagonal on a 2-core AMD EPYC,
 # per iteration with latentem's compiler options: float64 (1e5, 8, 8) 4.2 against 6.5
 # ms centred, (1e5, 32, 16) 16.3 against 23.6, (1e5, 100, 10) 36 against 57; float32
 # 1.3 against 2.3 and 5.1 against 10.7, where the guard held; at (1e5, 100, 10) a
 # narrow component far from the data's mean tripped it (eps sum_j m_j^2 / sigma_j^2
 # reached 0.25 by the fourth iteration), and the fallback runs as fast as the plain
 # centred iteration (24 against 25 ms; 44 before it was given the transposed data, see
-# _DiagonalExpandedData). In float64 the guard needs that sum above 2^40 to trip and
-# the expanded form is as accurate as the centred one for any data float64 holds, so
-# "auto" takes it; a float32 fit keeps the centred form, accurate to round-off, unless
-# asked for moments="expanded" (up to 2^-12 relative, guarded), as a full one does.
+# _DiagonalExpandedData). The guard limits the bits lost, whatever the dtype: in
+# float64 "auto" takes the expanded form where it loses at most 11 of 53 bits (2^-41
+# relative); a float32 fit keeps the centred form, accurate to round-off, unless asked
+# for moments="expanded" (up to 2^-12 relative, guarded), as a full one does.
 # Below about 2^18 values the two forms were within a factor 2 either way ((1e4, 2,
 # 3): 0.21 against 0.11 ms). Not on a GPU until timed there.
 _DIAGONAL_EXPANDED_BACKENDS = ("cpu",)
@@ -946,23 +950,30 @@ def _float32_products_requested() -> bool:
     return str(getattr(precision, "name", precision)) in _FLOAT32_PRECISIONS
 
 
-def _expanded_rounding(params: GaussianMixtureParams, reference: Array, factor: Array) -> Array:
-    r"""The relative rounding error the expanded form risks at these parameters,
-    :math:`\epsilon \max_k (\mu_k - c)^\top \Sigma_k^{-1} (\mu_k - c)`.
+def _expanded_cancellation(params: GaussianMixtureParams, reference: Array, factor: Array) -> Array:
+    r"""How much larger the expanded form's terms are than the sums they cancel to:
+    :math:`\max_k |m_k|^\top |P_k| \, |m_k|`, :math:`m_k = \mu_k - c`,
+    :math:`P_k = \Sigma_k^{-1}`, absolute values taken entrywise. The expanded form's
+    relative rounding error is about ``eps`` times this.
 
     Expanded about :math:`c`, the log density of a sample near :math:`\mu_k` is a sum
-    of terms of size :math:`(\mu_k - c)^\top \Sigma_k^{-1} (\mu_k - c)` that cancel
-    to one of size :math:`d`, and the covariance :math:`Q_k / N_k - m_k m_k^\top` loses
-    the same factor against the centred scatter: a component far from the data's mean
-    in units of its own spread is where the expansion loses digits. Measured in float32
-    against float64, one iteration's covariances were off by 2.5e-6 (relative to the
-    largest entry; 2.5e-7 centred) on the benchmark data, where this is 1.5e-4, and by
-    3.4e-3 (5.4e-7 centred) on clusters 40 standard deviations apart, where it is 2e-3.
+    of terms :math:`P_{k,ij} y_i y_j` (and the linear ones) of about that total size that
+    cancel to one of size :math:`d`, and the covariance :math:`Q_k / N_k - m_k m_k^\top`
+    loses the same factor against the centred scatter. Not the whitened distance
+    :math:`m_k^\top P_k m_k`: for a narrow component whose mean lies along its long axis
+    that is small while the terms, of size :math:`|m_k|^2 / \lambda_{\min}(\Sigma_k)`,
+    are not (float32, condition number 1e6, means 3 standard deviations apart: weights
+    off by 2.3e-3 with the whitened distance at 1e-6 / eps, against 1.2e-5 centred).
+    Measured in float32 against float64, one iteration's covariances were off by 2.5e-6
+    (relative to the largest entry; 2.5e-7 centred) on the benchmark data, where eps
+    times the whitened distance is 1.5e-4, and by 3.4e-3 (5.4e-7 centred) on clusters 40
+    standard deviations apart, where it is 2e-3.
     """
-    projected = jnp.einsum(
-        "kd,kde->ke", params.means - reference[None, :], factor, precision=jax.lax.Precision.HIGHEST
-    )
-    return jnp.finfo(factor.dtype).eps * jnp.max(jnp.sum(jnp.square(projected), axis=1))
+    highest = jax.lax.Precision.HIGHEST
+    precision = jnp.matmul(factor, jnp.swapaxes(factor, 1, 2), precision=highest)
+    distances = jnp.abs(params.means - reference[None, :])
+    terms = jnp.einsum("ki,kij,kj->k", distances, jnp.abs(precision), distances, precision=highest)
+    return jnp.max(terms)
 
 
 def _linear_e_step(features: Array, weights: Array, coefficients: Array) -> tuple[Array, Array]:
@@ -1012,8 +1023,8 @@ def _expanded_moments(
     of :math:`y`, and :math:`Q_k = \sum_n w_n r_{nk} y_n y_n^\top`, from which the
     scatter about the new mean is :math:`Q_k - s_k s_k^\top / N_k`. Every product here
     runs at full float32 precision whatever the default matmul precision (in TF32 the
-    cancellation would leave little of the result); see ``_expanded_rounding`` for what
-    the expansion costs in accuracy.
+    cancellation would leave little of the result); see ``_expanded_cancellation`` for
+    what the expansion costs in accuracy.
     """
     n_features = params.means.shape[1]
     dtype = features.dtype
@@ -1087,14 +1098,13 @@ def _diagonal_variances(params: GaussianMixtureParams) -> Array:
     return params.covariances
 
 
-def _diagonal_expanded_rounding(params: GaussianMixtureParams, reference: Array) -> Array:
-    r""":math:`\epsilon \max_k \sum_j (\mu_{kj} - c_j)^2 / \sigma^2_{kj}`, the relative rounding
-    error the diagonal expanded form risks (``_expanded_rounding`` with a diagonal
-    :math:`\Sigma_k`): the variances :math:`Q_{kj} / N_k - m_{kj}^2` and the log densities
-    lose that factor against their centred forms."""
+def _diagonal_expanded_cancellation(params: GaussianMixtureParams, reference: Array) -> Array:
+    r""":math:`\max_k \sum_j (\mu_{kj} - c_j)^2 / \sigma^2_{kj}`, how much larger the diagonal
+    expanded form's terms are than the sums they cancel to (``_expanded_cancellation``
+    with a diagonal :math:`\Sigma_k`): the variances :math:`Q_{kj} / N_k - m_{kj}^2` and
+    the log densities lose ``eps`` times that against their centred forms."""
     variances = _diagonal_variances(params)
-    distances = jnp.sum(jnp.square(params.means - reference[None, :]) / variances, axis=1)
-    return jnp.finfo(variances.dtype).eps * jnp.max(distances)
+    return jnp.max(jnp.sum(jnp.square(params.means - reference[None, :]) / variances, axis=1))
 
 
 def _diagonal_expanded_moments(
@@ -1114,7 +1124,7 @@ def _diagonal_expanded_moments(
     :math:`Q_{kj} = \sum_n w_n r_{nk} y_{nj}^2`, the sums :math:`s_k` of :math:`y` and the
     counts, from which the scatter about the new mean is :math:`Q_{kj} - s_{kj}^2 / N_k`.
     The products run at full float32 precision whatever the default matmul precision;
-    ``_diagonal_expanded_rounding`` says what the expansion costs in accuracy.
+    ``_diagonal_expanded_cancellation`` says what the expansion costs in accuracy.
     """
     n_features = params.means.shape[1]
     dtype = features.dtype
@@ -1448,18 +1458,20 @@ def gaussian_mixture(
         scikit-learn (accurate to round-off). ``"expanded"`` (full, diagonal and
         spherical fits): as two large matrix products over the products of features
         :math:`y_i y_j` (full) or the squares :math:`y_j^2` (diagonal, spherical), ``y``
-        the data less their mean, in float32 accurate to about
-        ``eps (mu_k - c)' Sigma_k^-1 (mu_k - c)`` relative, for ``c`` the data's mean;
-        an iteration where that exceeds ``2**-12`` (a component many of its own
-        standard deviations from the mean) is computed centred instead. ``"auto"``
+        the data less their mean, accurate to about ``eps |mu_k - c|' |Sigma_k^-1|
+        |mu_k - c|`` relative (entrywise absolute values), for ``c`` the data's mean;
+        an iteration where that factor of ``eps`` exceeds ``2**11`` (a component many of
+        its own standard deviations from the mean) is computed centred instead, so the
+        expanded form loses at most 11 bits (``2**-12`` relative in float32, ``2**-41``
+        in float64). ``"auto"``
         (default): for full fits, expanded for large fits on a GPU unless
         ``jax.default_matmul_precision`` asks for float32 products (``"highest"``);
         on a CPU, about the centres of blocks of grouped samples for large full and
         tied fits of five to eight features (see above; an iteration whose expansion
         would cancel more than 16 times the centred form's rounding takes the
         centred scatter), centred otherwise. For diagonal and spherical fits on a CPU, expanded
-        in float64 from 2^18 values n k d (1.3 to 1.6x faster than centred at (1e5, 8,
-        8) to (1e5, 100, 10)), centred below, in float32 and on a GPU; in float32
+        in float64 from 2^18 values n k d where the guard holds (1.4x faster than
+        centred at (1e5, 8, 8) and (1e5, 32, 16)), centred below, in float32 and on a GPU; in float32
         ``"expanded"`` made (1e5, 8, 8) and (1e5, 32, 16) 1.7 to 2.1x faster.
         For full fits on a CPU ``"expanded"`` made a float32 (1e5, 8, 8) iteration 1.0
         to 2.2x faster, depending on the machine.
@@ -1691,7 +1703,7 @@ def _gaussian_mixture(
         def centred(params, x, weights, data, factor):
             return _em._unfused_iteration(centred_model, params, x, weights)
 
-        accurate = _expanded_rounding(params, data.reference, factor) <= _EXPANDED_MAX_ROUNDING
+        accurate = _expanded_cancellation(params, data.reference, factor) <= _EXPANDED_MAX_CANCELLATION
         return _batch_aware_cond(accurate, expanded, centred, params, x, weights, data, factor)
 
     def diagonal_expanded_step(
@@ -1713,7 +1725,7 @@ def _gaussian_mixture(
 
         dtype = params.means.dtype
         x, weights = x.astype(dtype), weights.astype(dtype)
-        accurate = _diagonal_expanded_rounding(params, data.reference) <= _EXPANDED_MAX_ROUNDING
+        accurate = _diagonal_expanded_cancellation(params, data.reference) <= _EXPANDED_MAX_CANCELLATION
         return _batch_aware_cond(accurate, expanded, centred, params, x, weights, data)
 
     def block_centred_step(params: GaussianMixtureParams, data: _BlockCentredData):
