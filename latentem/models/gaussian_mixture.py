@@ -245,13 +245,13 @@ _EXPANDED_BLOCK_SAMPLES = {"gpu": 4096}
 # deviations elementwise. "auto" takes it on these backends for float64 fits of at
 # least this many values n k d, with the same guard as the full expanded form
 # (_diagonal_expanded_cancellation). benchmarks/single.py --diagonal on a 2-core AMD EPYC,
-# per iteration with latentem's compiler options: float64 (1e5, 8, 8) 4.2 against 6.5
-# ms centred, (1e5, 32, 16) 16.3 against 23.6, (1e5, 100, 10) 36 against 57; float32
-# 1.3 against 2.3 and 5.1 against 10.7, where the guard held; at (1e5, 100, 10) a
-# narrow component far from the data's mean tripped it (eps sum_j m_j^2 / sigma_j^2
-# reached 0.25 by the fourth iteration), and the fallback runs as fast as the plain
-# centred iteration (24 against 25 ms; 44 before it was given the transposed data, see
-# _DiagonalExpandedData). The guard limits the bits lost, whatever the dtype: in
+# per iteration with latentem's compiler options: float64 (1e5, 8, 8) 3.9 against 5.9
+# ms centred, (1e5, 32, 16) 16.4 against 24.3; float32 1.3 against 2.3 and 5.1
+# against 10.7. At (1e5, 100, 10) a narrow component far from the data's mean trips
+# the guard in either dtype (sum_j m_j^2 / sigma_j^2 reached 2e6 by the fourth
+# iteration, limit 2^11), and the fallback runs as fast as the plain centred iteration
+# (float32 24 against 25 ms, float64 61 and 61; 44 ms in float32 before it was given
+# the transposed data, see _DiagonalExpandedData). The guard limits the bits lost, whatever the dtype: in
 # float64 "auto" takes the expanded form where it loses at most 11 of 53 bits (2^-41
 # relative); a float32 fit keeps the centred form, accurate to round-off, unless asked
 # for moments="expanded" (up to 2^-12 relative, guarded), as a full one does.
@@ -1470,8 +1470,8 @@ def gaussian_mixture(
         tied fits of five to eight features (see above; an iteration whose expansion
         would cancel more than 16 times the centred form's rounding takes the
         centred scatter), centred otherwise. For diagonal and spherical fits on a CPU, expanded
-        in float64 from 2^18 values n k d where the guard holds (1.4x faster than
-        centred at (1e5, 8, 8) and (1e5, 32, 16)), centred below, in float32 and on a GPU; in float32
+        in float64 from 2^18 values n k d where the guard holds (1.3 to 1.7x faster
+        than centred at (1e5, 8, 8) and (1e5, 32, 16)), centred below, in float32 and on a GPU; in float32
         ``"expanded"`` made (1e5, 8, 8) and (1e5, 32, 16) 1.7 to 2.1x faster.
         For full fits on a CPU ``"expanded"`` made a float32 (1e5, 8, 8) iteration 1.0
         to 2.2x faster, depending on the machine.
