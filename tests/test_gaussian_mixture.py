@@ -515,6 +515,15 @@ def expanded_cancellation(x, weights, params):
     return float(module._expanded_cancellation(params, reference, factor))
 
 
+def expanded_accurate(x, weights, params):
+    module = importlib.import_module("latentem.models.gaussian_mixture")
+    xw = jnp.asarray(weights, params.means.dtype)
+    reference = (xw @ jnp.asarray(x, params.means.dtype)) / xw.sum()
+    return bool(
+        module._expanded_accurate(params, reference, module.precision_cholesky(params.covariances, "full"))
+    )
+
+
 def test_expanded_iteration_matches_numpy(dtype):
     """One iteration with moments="expanded" (the guard passes on these data) equals a
     float64 NumPy/SciPy iteration: to 1e-10 in float64, and in float32 to 2e-5 of the
@@ -524,7 +533,7 @@ def test_expanded_iteration_matches_numpy(dtype):
     model = lem.gaussian_mixture(3, reg_covar=1e-6, reg_covar_mode="absolute", moments="expanded")
     params = to_params(*start, dtype)
     assert module._expanded_applies(x.shape[0], 3, x.shape[1], always=True)
-    assert expanded_cancellation(x, weights, params) <= module._EXPANDED_MAX_CANCELLATION
+    assert expanded_accurate(x, weights, params)
     iteration = jax.jit(model.fused_step)(params, jnp.asarray(x, dtype), jnp.asarray(weights, dtype))
     assert_iteration_matches(iteration, numpy_em_iteration(x, weights, start, 1e-6), weights, dtype)
 
@@ -694,11 +703,11 @@ def test_expanded_guard_sees_narrow_correlated_components(dtype):
     """Narrow components (condition number 1e6, three short axes) with their long axis
     off the coordinate axes and their means 3 standard deviations apart along it: the
     whitened distances to the data's mean are small, but the expanded terms
-    P_ij y_i y_j, about |y|^2 / lambda_min, are large and cancel. The guard counts the
-    terms (|m|' |P| |m|), so the iteration is the centred one and matches a float64
-    NumPy iteration. The whitened distance alone let the expansion through: in float32,
-    from parameters of a soft M-step on these data, one iteration's weights were off by
-    2.3e-3 (1.2e-5 centred) and its mean log-likelihood by 1.8e-2 (1.7e-5)."""
+    P_ij y_i y_j, about |y|^2 / lambda_min, are large and cancel. The guard also bounds
+    the terms' worst case (|m|' |P| |m|), so the iteration is the centred one and
+    matches a float64 NumPy iteration. The whitened distance alone let the expansion
+    through: in float32, from parameters of a soft M-step on these data, one iteration's
+    weights were off by 2.3e-3 (1.2e-5 centred), its mean log-likelihood by 1.8e-2."""
     module = importlib.import_module("latentem.models.gaussian_mixture")
     rng = np.random.default_rng(10)
     rotation, _ = np.linalg.qr(rng.normal(size=(4, 4)))
@@ -711,10 +720,9 @@ def test_expanded_guard_sees_narrow_correlated_components(dtype):
     xj, wj = jnp.asarray(x, dtype), jnp.asarray(weights, dtype)
     reference = (wj @ xj) / wj.sum()
     factor = module.precision_cholesky(params.covariances, "full")
-    projected = jnp.einsum("kd,kde->ke", params.means - reference[None, :], factor)
-    whitened = float(jnp.max(jnp.sum(jnp.square(projected), axis=1)))
-    assert whitened <= module._EXPANDED_MAX_CANCELLATION  # what the guard measured before
-    assert expanded_cancellation(x, weights, params) > module._EXPANDED_MAX_CANCELLATION
+    assert expanded_cancellation(x, weights, params) <= module._EXPANDED_MAX_CANCELLATION
+    assert float(module._expanded_terms(params, reference, factor)) > module._EXPANDED_MAX_TERMS
+    assert not expanded_accurate(x, weights, params)
     model = lem.gaussian_mixture(3, reg_covar=1e-9, reg_covar_mode="absolute", moments="expanded")
     iteration = jax.jit(model.fused_step)(params, xj, wj)
     (weights_ref, _, _), _ = numpy_em_iteration(x, weights, start, 1e-9)

@@ -222,13 +222,20 @@ _EXPANDED_MIN_VALUES = 1 << 22
 # The products of features, n (d + 1)(d + 2) / 2 values, are formed in one piece and
 # held for the whole fit: above this many the fit keeps the centred moments (memory).
 _EXPANDED_MAX_FEATURE_VALUES = 1 << 30
-# The expanded form is used for an iteration only when its terms exceed the sums they
-# cancel to by at most this factor (_expanded_cancellation): it then loses at most 11
-# bits against the centred form, 2^-12 relative in float32 and 2^-41 in float64. A
-# bound of 2^-12 on eps times the factor, in both dtypes, let float64 fits lose up to
-# 40 bits (a diagonal fit's variances 4.5e-6 off, with a cluster of standard deviation
-# 1e-3 at 100 from the data's mean, against 4e-15 centred).
+# The expanded form is used for an iteration only when the whitened distances of the
+# means from c, by which its terms typically exceed the sums they cancel to, are at
+# most _EXPANDED_MAX_CANCELLATION (so it loses about 11 bits at most against the
+# centred form, 2^-12 relative in float32 and 2^-41 in float64), and the terms' worst
+# case |m|' |P| |m| is at most _EXPANDED_MAX_TERMS (_expanded_accurate). A bound of
+# 2^-12 on eps times the distance in both dtypes let float64 fits lose up to 40 bits (a
+# diagonal fit's variances 4.5e-6 off, with a cluster of standard deviation 1e-3 at 100
+# from the data's mean, against 4e-15 centred). The worst case alone was too strict: on
+# the GPU benchmark's data ((1e6, 32, 64) float32, 20 iterations in) it reached 4500,
+# with the whitened distance at 780, where the expanded iteration's covariances were
+# off by 5.3e-4 in whitened units against the centred float32 iteration's 1.8e-4. The
+# worst case catches narrow correlated components, whose whitened distances are small.
 _EXPANDED_MAX_CANCELLATION = 2.0**11
+_EXPANDED_MAX_TERMS = 2.0**16
 # On these backends the moments (w r)' phi, one contraction over every sample with a
 # small (k, F) result, are a batched product over blocks of this many samples and a sum
 # of the blocks' results: as one GEMM, the long contraction leaves most of a GPU idle.
@@ -951,29 +958,45 @@ def _float32_products_requested() -> bool:
 
 
 def _expanded_cancellation(params: GaussianMixtureParams, reference: Array, factor: Array) -> Array:
-    r"""How much larger the expanded form's terms are than the sums they cancel to:
-    :math:`\max_k |m_k|^\top |P_k| \, |m_k|`, :math:`m_k = \mu_k - c`,
-    :math:`P_k = \Sigma_k^{-1}`, absolute values taken entrywise. The expanded form's
-    relative rounding error is about ``eps`` times this.
+    r""":math:`\max_k m_k^\top P_k m_k`, :math:`m_k = \mu_k - c`, :math:`P_k = \Sigma_k^{-1}`:
+    by about this factor the expanded form's terms exceed the sums they cancel to, so
+    its relative rounding error is about ``eps`` times it.
 
     Expanded about :math:`c`, the log density of a sample near :math:`\mu_k` is a sum
-    of terms :math:`P_{k,ij} y_i y_j` (and the linear ones) of about that total size that
-    cancel to one of size :math:`d`, and the covariance :math:`Q_k / N_k - m_k m_k^\top`
-    loses the same factor against the centred scatter. Not the whitened distance
-    :math:`m_k^\top P_k m_k`: for a narrow component whose mean lies along its long axis
-    that is small while the terms, of size :math:`|m_k|^2 / \lambda_{\min}(\Sigma_k)`,
-    are not (float32, condition number 1e6, means 3 standard deviations apart: weights
-    off by 2.3e-3 with the whitened distance at 1e-6 / eps, against 1.2e-5 centred).
-    Measured in float32 against float64, one iteration's covariances were off by 2.5e-6
-    (relative to the largest entry; 2.5e-7 centred) on the benchmark data, where eps
-    times the whitened distance is 1.5e-4, and by 3.4e-3 (5.4e-7 centred) on clusters 40
-    standard deviations apart, where it is 2e-3.
+    of terms of about this size that cancel to one of size :math:`d`, and the covariance
+    :math:`Q_k / N_k - m_k m_k^\top` loses the same factor against the centred scatter:
+    a component far from the data's mean in units of its own spread is where the
+    expansion loses digits. Measured in float32 against float64, one iteration's
+    covariances were off by 2.5e-6 (relative to the largest entry; 2.5e-7 centred) on
+    the benchmark data, where eps times this is 1.5e-4, and by 3.4e-3 (5.4e-7 centred)
+    on clusters 40 standard deviations apart, where it is 2e-3.
     """
+    projected = jnp.einsum(
+        "kd,kde->ke", params.means - reference[None, :], factor, precision=jax.lax.Precision.HIGHEST
+    )
+    return jnp.max(jnp.sum(jnp.square(projected), axis=1))
+
+
+def _expanded_terms(params: GaussianMixtureParams, reference: Array, factor: Array) -> Array:
+    r"""The expanded terms' worst case, :math:`\max_k |m_k|^\top |P_k| \, |m_k|` (absolute
+    values entrywise): the sum of the sizes of the terms :math:`P_{k,ij} m_i m_j`. For a
+    narrow component whose mean lies along its long axis the whitened distance
+    (``_expanded_cancellation``) is small while these are of size
+    :math:`|m_k|^2 / \lambda_{\min}(\Sigma_k)`: float32, condition number 1e6, means 3
+    standard deviations apart, weights 2.3e-3 off after one expanded iteration against
+    1.2e-5 centred, with eps times the whitened distance at 7.9e-7."""
     highest = jax.lax.Precision.HIGHEST
     precision = jnp.matmul(factor, jnp.swapaxes(factor, 1, 2), precision=highest)
     distances = jnp.abs(params.means - reference[None, :])
-    terms = jnp.einsum("ki,kij,kj->k", distances, jnp.abs(precision), distances, precision=highest)
-    return jnp.max(terms)
+    return jnp.max(jnp.einsum("ki,kij,kj->k", distances, jnp.abs(precision), distances, precision=highest))
+
+
+def _expanded_accurate(params: GaussianMixtureParams, reference: Array, factor: Array) -> Array:
+    """Whether the expanded iteration keeps its accuracy here (see
+    ``_EXPANDED_MAX_CANCELLATION``): a scalar boolean."""
+    return (_expanded_cancellation(params, reference, factor) <= _EXPANDED_MAX_CANCELLATION) & (
+        _expanded_terms(params, reference, factor) <= _EXPANDED_MAX_TERMS
+    )
 
 
 def _linear_e_step(features: Array, weights: Array, coefficients: Array) -> tuple[Array, Array]:
@@ -1458,12 +1481,13 @@ def gaussian_mixture(
         scikit-learn (accurate to round-off). ``"expanded"`` (full, diagonal and
         spherical fits): as two large matrix products over the products of features
         :math:`y_i y_j` (full) or the squares :math:`y_j^2` (diagonal, spherical), ``y``
-        the data less their mean, accurate to about ``eps |mu_k - c|' |Sigma_k^-1|
-        |mu_k - c|`` relative (entrywise absolute values), for ``c`` the data's mean;
-        an iteration where that factor of ``eps`` exceeds ``2**11`` (a component many of
-        its own standard deviations from the mean) is computed centred instead, so the
-        expanded form loses at most 11 bits (``2**-12`` relative in float32, ``2**-41``
-        in float64). ``"auto"``
+        the data less their mean, accurate to about ``eps (mu_k - c)' Sigma_k^-1
+        (mu_k - c)`` relative, for ``c`` the data's mean; an iteration where that
+        factor of ``eps`` exceeds ``2**11`` (a component many of its own standard
+        deviations from the mean), or where the terms' worst case ``|mu_k - c|'
+        |Sigma_k^-1| |mu_k - c|`` exceeds ``2**16`` (narrow, correlated components), is
+        computed centred instead, so the expanded form loses about 11 bits at most
+        (``2**-12`` relative in float32, ``2**-41`` in float64). ``"auto"``
         (default): for full fits, expanded for large fits on a GPU unless
         ``jax.default_matmul_precision`` asks for float32 products (``"highest"``);
         on a CPU, about the centres of blocks of grouped samples for large full and
@@ -1703,7 +1727,7 @@ def _gaussian_mixture(
         def centred(params, x, weights, data, factor):
             return _em._unfused_iteration(centred_model, params, x, weights)
 
-        accurate = _expanded_cancellation(params, data.reference, factor) <= _EXPANDED_MAX_CANCELLATION
+        accurate = _expanded_accurate(params, data.reference, factor)
         return _batch_aware_cond(accurate, expanded, centred, params, x, weights, data, factor)
 
     def diagonal_expanded_step(
