@@ -295,8 +295,8 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     (``n_init``) run together as one ``jax.vmap``. A component left with no samples
     keeps its parameters instead of collapsing, and gives a ``ConvergenceWarning``. A
     restart whose objective or parameters become NaN or infinite (a singular covariance,
-    with ``reg_covar=0``) is dropped, and the fit raises scikit-learn's ``ValueError``
-    only when every restart is (scikit-learn raises when any one is).
+    with ``reg_covar=0``) is dropped, and the fit raises a ``ValueError``, as
+    scikit-learn does, only when every restart is (scikit-learn raises when any one is).
     Arrays are float64 when JAX runs in 64-bit mode (``JAX_ENABLE_X64=1``) and float32
     otherwise. Each fit compiles once per model, number of features and data size
     (sizes are padded with zero-weight rows to a few sizes per octave, so data of
