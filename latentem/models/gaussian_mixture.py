@@ -258,10 +258,11 @@ _EXPANDED_BLOCK_SAMPLES = {"gpu": 4096}
 # the guard in either dtype (sum_j m_j^2 / sigma_j^2 reached 2e6 by the fourth
 # iteration, limit 2^11), and the fallback runs as fast as the plain centred iteration
 # (float32 24 against 25 ms, float64 61 and 61; 44 ms in float32 before it was given
-# the transposed data, see _DiagonalExpandedData). The guard limits the bits lost, whatever the dtype: in
-# float64 "auto" takes the expanded form where it loses at most 11 of 53 bits (2^-41
-# relative); a float32 fit keeps the centred form, accurate to round-off, unless asked
-# for moments="expanded" (up to 2^-12 relative, guarded), as a full one does.
+# the transposed data, see _DiagonalExpandedData). The guard limits the bits lost,
+# whatever the dtype: in float64 "auto" takes the expanded form where it loses at most
+# 11 of 53 bits (2^-41 relative); a float32 fit keeps the centred form, accurate to
+# round-off, unless asked for moments="expanded" (up to 2^-12 relative, guarded), as a
+# full one does.
 # Below about 2^18 values the two forms were within a factor 2 either way ((1e4, 2,
 # 3): 0.21 against 0.11 ms). Not on a GPU until timed there.
 _DIAGONAL_EXPANDED_BACKENDS = ("cpu",)
@@ -1493,10 +1494,11 @@ def gaussian_mixture(
         on a CPU, about the centres of blocks of grouped samples for large full and
         tied fits of five to eight features (see above; an iteration whose expansion
         would cancel more than 16 times the centred form's rounding takes the
-        centred scatter), centred otherwise. For diagonal and spherical fits on a CPU, expanded
-        in float64 from 2^18 values n k d where the guard holds (1.3 to 1.7x faster
-        than centred at (1e5, 8, 8) and (1e5, 32, 16)), centred below, in float32 and on a GPU; in float32
-        ``"expanded"`` made (1e5, 8, 8) and (1e5, 32, 16) 1.7 to 2.1x faster.
+        centred scatter), centred otherwise. For diagonal and spherical fits on a
+        CPU, expanded in float64 from 2^18 values n k d where the guard holds (1.3 to
+        1.7x faster than centred at (1e5, 8, 8) and (1e5, 32, 16)), centred below, in
+        float32 and on a GPU; in float32 ``"expanded"`` made (1e5, 8, 8) and (1e5, 32,
+        16) 1.7 to 2.1x faster.
         For full fits on a CPU ``"expanded"`` made a float32 (1e5, 8, 8) iteration 1.0
         to 2.2x faster, depending on the machine.
 
