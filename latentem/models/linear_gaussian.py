@@ -121,8 +121,14 @@ def _posterior(
     # A GEMM by the (q, q) M^-1 rather than a solve with n right-hand sides (on a CPU
     # OpenBLAS's solve left its threads spinning, see _linalg).
     posterior_means = projected @ _linalg.inverse_from_cholesky(lower)
-    # Woodbury: (x-mu)^T C^-1 (x-mu) = (x-mu)^T Psi^-1 (x-mu) - b^T M^-1 b.
-    mahalanobis = jnp.square(centred) @ (1 / noise) - jnp.sum(projected * posterior_means, axis=1)
+    # Woodbury, (x-mu)^T C^-1 (x-mu) = (x-mu)^T Psi^-1 (x-mu) - b^T M^-1 b, rearranged
+    # into two non-negative terms with the residual e = x - mu - W^T E[z]:
+    # e^T Psi^-1 e + |E[z]|^2. The difference cancels where the noise is small against
+    # the data's spread: float32 per-sample log-densities of a PPCA fit of Old Faithful
+    # were 2.4e-4 off (EM's objective then fell in 12 of 117 iterations and the fit
+    # stopped far from the maximum), against 2e-6 this way.
+    residual = centred - posterior_means @ components
+    mahalanobis = jnp.square(residual) @ (1 / noise) + jnp.sum(jnp.square(posterior_means), axis=1)
     # Determinant lemma: log|C| = log|Psi| + log|M|.
     log_det = jnp.sum(jnp.log(noise)) + 2 * jnp.sum(jnp.log(jnp.diagonal(lower)))
     log_likelihood = -0.5 * (n_features * math.log(2 * math.pi) + log_det + mahalanobis)
@@ -143,8 +149,8 @@ def _m_step(
     # zero weight are zeroed: a large one squared overflows, and 0 * inf is NaN.
     centred = jnp.where((weights > 0)[:, None], x - mean[None, :], 0)
     # sum_n w_n E[z_n] E[z_n]^T from the weighted means: (w E)(w E)^T / w.
-    safe_weights = jnp.where(weights > 0, weights, 1)
-    outer = (weighted_means / safe_weights[:, None]).T @ weighted_means
+    posterior_means = weighted_means / jnp.where(weights > 0, weights, 1)[:, None]  # E[z_n]
+    outer = posterior_means.T @ weighted_means
     _, lower = _latent_precision_cholesky(components, _noise_vector(noise_variance, n_features))
     covariance = _linalg.inverse_from_cholesky(lower)
     second_moment = total * covariance + outer  # sum_n w_n E[z_n z_n^T]
@@ -154,9 +160,15 @@ def _m_step(
     gram = jnp.block([[second_moment, first_moment[:, None]], [first_moment[None, :], total[None, None]]])
     gram = 0.5 * (gram + gram.T)
     regression = jnp.linalg.solve(gram, cross.T).T  # (d, q + 1)
-    # Psi = diag(sum w x x^T - W~ A^T) / sum w.
+    new_components = regression[:, :n_components].T
+    # Psi = diag(sum w x x^T - W~ A^T) / sum w, which at W~ = A B^-1 equals the expected
+    # squared residual diag(sum w (x - W~ E[z~])(x - W~ E[z~])^T + W Cov[z] W^T) / sum w:
+    # a sum of non-negative terms, where the difference lost the small noise variance of
+    # data with a large spread to cancellation.
+    residual = centred - posterior_means @ new_components - regression[None, :, n_components]
+    explained = jnp.sum(new_components * (covariance @ new_components), axis=0)
+    noise = weights @ jnp.square(residual) / total + explained
     second = weights @ jnp.square(centred)
-    noise = (second - jnp.sum(regression * cross, axis=1)) / total
     # Noise variances stay above eps times each feature's variance: data of lower rank
     # (or a Heywood case in factor analysis) would otherwise drive one to zero. A
     # constant feature takes the mean variance of the others (as for the Gaussian
@@ -164,7 +176,7 @@ def _m_step(
     # there, and a fit of data with a constant column ended NONFINITE.
     variances = second / total - jnp.square(weights @ centred / total)
     floor = jnp.finfo(noise.dtype).eps * _regulariser_scale(variances, second / total)
-    return regression[:, n_components] + mean, regression[:, :n_components].T, noise, floor
+    return regression[:, n_components] + mean, new_components, noise, floor
 
 
 def _initial(key: PRNGKey, x: Array, weights: Array, n_components: int) -> tuple[Array, Array, Array]:
