@@ -269,7 +269,9 @@ class Status(enum.IntEnum):
     """Why a fit stopped. Stored as an int32 array in results, so it survives ``vmap``.
 
     Attributes:
-      CONVERGED: the objective changed by less than ``tol`` in the last iteration.
+      CONVERGED: the objective changed by less than ``tol`` in the last iteration, or
+        a classification-EM fit (:func:`~latentem.hard_em`, :func:`~latentem.kmeans`)
+        reached its fixed point (no sample changed state).
       MAX_ITER: ``max_iter`` iterations ran without meeting ``tol``.
       NONFINITE: the objective or the parameters became NaN or infinite (NaN or inf in
         the data, a singular covariance with ``reg_covar=0``, a broken M-step). The loop

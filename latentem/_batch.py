@@ -35,7 +35,6 @@ from latentem._base import (
     LatentModel,
     PRNGKey,
     as_computed,
-    check_nonnegative,
     check_positive_int,
     check_real,
     check_weights,
@@ -44,7 +43,7 @@ from latentem._base import (
     jit,
     large_problem,
 )
-from latentem._em import fit, warn_on_status
+from latentem._em import fit, resolve_tol, warn_on_status
 
 # ---------------------------------------------------------------------------
 # Input checks for batches. Unlike ``check_x``, a NaN in a batch is not an error: the
@@ -135,7 +134,7 @@ def fit_batch(
     weights: Array | None = None,
     n_init: int = 1,
     max_iter: int = 100,
-    tol: float | Array = 1e-3,
+    tol: float | Array | None = None,
 ) -> EMResult:
     r"""Fit one model to each of a batch of datasets, in one compiled call.
 
@@ -170,7 +169,9 @@ def fit_batch(
         every dataset needs some positive weight.
       n_init: number of restarts per dataset.
       max_iter: maximum EM iterations per restart.
-      tol: convergence threshold on the change of the mean objective.
+      tol: convergence threshold on the change of the mean objective; ``None``: the
+        default of :func:`~latentem.fit_em` (``1e-3``; classification EM runs to its
+        fixed point).
 
     Returns:
       An :class:`~latentem.EMResult` whose every leaf has a leading axis
@@ -190,7 +191,7 @@ def fit_batch(
     keys = dataset_keys(key, n_datasets)
     n_init = check_positive_int(n_init, "n_init")
     max_iter = check_positive_int(max_iter, "max_iter", minimum=0)
-    check_nonnegative(tol, "tol")
+    tol = resolve_tol(model, tol)
     result = _fit_batch_compiled(model, keys, x, weights, tol, n_init=n_init, max_iter=max_iter)
     if is_concrete(result.status):
         warn_on_status(result.status, max_iter)

@@ -986,7 +986,7 @@ def check_model(
       log-likelihood than sampling noise allows (Wilks: about
       :math:`p / 2n` per sample), i.e. the fit recovers the parameters.
 
-    The checks run on ``init``'s parameters; the sampling checks on three random points
+    The checks run on ``init``'s parameters; the sampling checks on eight random points
     around them (every unconstrained coordinate moved by a standard normal draw), so
     that mixture weights are unequal, which a forgotten ``log(weights)`` needs to show.
     Each numerical piece is compiled once per model and shape and reused by a later call

@@ -46,9 +46,25 @@ from latentem._base import (
     tree_all_finite,
     tree_select,
 )
+from latentem._hard_em import is_classification_em
 
 # Internal status of a member still iterating; never returned.
 _RUNNING = -1
+
+# scikit-learn's GaussianMixture default, on the same objective (mean log-likelihood).
+DEFAULT_TOL = 1e-3
+
+
+def resolve_tol(model: LatentModel, tol: float | Array | None) -> float | Array:
+    """``tol``, or for ``None`` the default: :data:`DEFAULT_TOL`, or ``0`` for
+    classification EM, which then runs to its fixed point (reached in finitely many
+    iterations) as scikit-learn's ``KMeans`` stops when no label changes. A relative
+    change of Lloyd's inertia can be small for many iterations while a few samples at a
+    time change cluster: at tol 1e-3 a two-cluster fit stopped at an inertia 6% above
+    the fixed point's."""
+    if tol is None:
+        return 0.0 if is_classification_em(model) else DEFAULT_TOL
+    return check_nonnegative(tol, "tol")
 
 
 class ConvergenceWarning(UserWarning):
@@ -278,10 +294,28 @@ def _unfused_iteration(
         weighted_by_state, log_likelihood_sum = _weighted_responsibilities_by_state(model, params, x, weights)
         weighted, state_mass = weighted_by_state.T, weighted_by_state.sum(axis=1)
         return model.m_step(x, weighted, params), log_likelihood_sum, state_mass
+    return _posterior_iteration(model, params, x, weights)[:3]
+
+
+def _posterior_iteration(
+    model: LatentModel, params: Params, x: Array, weights: Array
+) -> tuple[Params, Array, Array | None, Any]:
+    """:func:`_unfused_iteration` through ``model.posterior``, which it also returns."""
     posterior, log_likelihood = checked_posterior(model, params, x)
     weighted = _weighted_posterior(posterior, weights)
     state_mass = weighted.sum(axis=0) if model.log_joint is not None else None
-    return model.m_step(x, weighted, params), _weighted_log_likelihood(log_likelihood, weights), state_mass
+    new_params = model.m_step(x, weighted, params)
+    return new_params, _weighted_log_likelihood(log_likelihood, weights), state_mass, posterior
+
+
+def _classification_iteration(
+    model: LatentModel, params: Params, x: Array, weights: Array, total_weight: Array
+) -> tuple[Params, Array, Array, Array]:
+    """:func:`_em_iteration` of classification EM, plus the partition it fitted: each
+    sample's state, shape ``(n_samples,)``."""
+    new_params, log_likelihood_sum, state_mass, assignments = _posterior_iteration(model, params, x, weights)
+    objective = _objective(model, params, log_likelihood_sum, total_weight)
+    return new_params, objective, state_mass, jnp.argmax(assignments, axis=1).astype(jnp.int32)
 
 
 def _weighted_responsibilities_by_state(
@@ -308,6 +342,7 @@ class _EMState(NamedTuple):
     step: Array  # number of EM iterations evaluated so far
     status: Array
     history: Array
+    partition: Array | None  # classification EM: each sample's state at `params`
 
 
 def fit_em(
@@ -317,7 +352,7 @@ def fit_em(
     *,
     weights: Array | None = None,
     max_iter: int = 100,
-    tol: float | Array = 1e-3,
+    tol: float | Array | None = None,
     callback: Callback | None = None,
 ) -> EMResult:
     r"""Run EM from ``params`` until the objective stops changing, in ``lax.while_loop``.
@@ -334,10 +369,16 @@ def fit_em(
     soon as the objective or the parameters are not finite (``Status.NONFINITE``; the
     last parameters with a finite objective are returned). A finite-state fit whose
     final posterior leaves a state with no mass reports ``Status.EMPTY_COMPONENT``.
+    Classification EM (:func:`hard_em`, :func:`kmeans`) also stops, converged, at its
+    fixed point: when no sample (with positive weight) changed state in an iteration,
+    so the M-step refits the same partition and every further iteration would repeat
+    this one.
 
     Pure and traceable: wrap it in ``jax.jit`` (with ``model`` and ``max_iter`` static)
     and ``jax.vmap`` over data, weights or params. Under ``vmap`` the loop runs until
-    the slowest member stops; finished members are frozen.
+    the slowest member stops; finished members are frozen. Called eagerly, it warns
+    with a :class:`ConvergenceWarning` when the fit did not converge cleanly, as
+    :func:`fit` does.
 
     Args:
       model: the :class:`LatentModel`.
@@ -346,11 +387,14 @@ def fit_em(
       weights: optional non-negative sample weights, shape ``(n_samples,)``. Zero
         weight is the same as removing the sample; integer weight, as repeating it.
       max_iter: maximum number of iterations (a Python int; ``0`` returns ``params``).
-      tol: convergence threshold on the change of the mean objective. ``0`` runs
-        exactly ``max_iter`` iterations. In float32 the mean objective itself carries
-        round-off of about ``1e-7`` times its size (more for large ``n_samples``), so a
-        ``tol`` below that level may never be met and the fit ends at ``MAX_ITER``;
-        use float64 (``JAX_ENABLE_X64=1``) for tighter tolerances.
+      tol: convergence threshold on the change of the mean objective. ``None``
+        (default): ``1e-3`` (scikit-learn's ``GaussianMixture`` default), and ``0`` for
+        classification EM, which then runs to its fixed point. ``0`` runs exactly
+        ``max_iter`` iterations (classification EM: up to its fixed point). In float32
+        the mean objective itself carries round-off of about ``1e-7`` times its size
+        (more for large ``n_samples``), so a ``tol`` below that level may never be met
+        and the fit ends at ``MAX_ITER``; use float64 (``JAX_ENABLE_X64=1``) for
+        tighter tolerances.
       callback: optional ``callback(iteration, objective)`` called on the host through
         ``jax.debug.callback`` with the objective after each iteration (``iteration``
         0 is the initial parameters), for progress displays. ``None`` adds nothing to
@@ -376,15 +420,21 @@ def fit_em(
     x, weights = _prepare(x, weights)
     check_model_data(model, x)
     max_iter = check_positive_int(max_iter, "max_iter", minimum=0)
-    check_nonnegative(tol, "tol")
+    tol = resolve_tol(model, tol)
     check_callback(callback)
     total_weight = weights.sum()
     # Outside the loop: XLA does not reliably hoist it (see FusedPrepareFn).
     prepared = _fused_prepare(model, x, weights)
-    iterate = functools.partial(
-        _em_iteration, model, x=x, weights=weights, total_weight=total_weight, prepared=prepared
-    )
-    _, objective_shape, mass_shape = jax.eval_shape(iterate, params)
+    classification = is_classification_em(model)
+    if classification:  # also returns the partition, to stop at the fixed point
+        iterate = functools.partial(
+            _classification_iteration, model, x=x, weights=weights, total_weight=total_weight
+        )
+    else:
+        iterate = functools.partial(
+            _em_iteration, model, x=x, weights=weights, total_weight=total_weight, prepared=prepared
+        )
+    _, objective_shape, mass_shape, *_ = jax.eval_shape(iterate, params)
     tol = jnp.asarray(tol, objective_shape.dtype)
 
     # One evaluation of `iterate` per pass: the E-step at the candidate gives its
@@ -393,9 +443,15 @@ def fit_em(
     # last is discarded, which keeps a single copy of the E- and M-steps in the program.
     def iteration(state: _EMState) -> _EMState:
         step = state.step
-        candidate, objective, state_mass = iterate(state.candidate)
+        candidate, objective, state_mass, *partition = iterate(state.candidate)
         finite = jnp.isfinite(objective) & tree_all_finite(state.candidate)
-        converged = finite & (step > 0) & (jnp.abs(objective - state.objective) < tol)
+        converged = jnp.abs(objective - state.objective) < tol
+        if classification:
+            # No sample (that carries weight) changed state: the M-step refits the same
+            # partition, so every further iteration would repeat this one.
+            (partition,) = partition
+            converged = converged | jnp.all((partition == state.partition) | (weights <= 0))
+        converged = finite & (step > 0) & converged
         status = jnp.where(
             finite,
             jnp.where(
@@ -416,6 +472,7 @@ def fit_em(
             step=step + 1,
             status=status.astype(jnp.int32),
             history=history,
+            partition=partition if classification else None,
         )
 
     state = _EMState(
@@ -426,6 +483,7 @@ def fit_em(
         step=jnp.zeros((), jnp.int32),
         status=jnp.asarray(_RUNNING, jnp.int32),
         history=jnp.full((max_iter,), jnp.nan, objective_shape.dtype),
+        partition=jnp.zeros(x.shape[0], jnp.int32) if classification else None,
     )
     state = jax.lax.while_loop(lambda state: state.status == _RUNNING, iteration, state)
     converged = state.status == int(Status.CONVERGED)
@@ -433,7 +491,7 @@ def fit_em(
     if state.state_mass is not None:
         empty = _any_empty_state(state.state_mass, total_weight)
         status = jnp.where((status != int(Status.NONFINITE)) & empty, int(Status.EMPTY_COMPONENT), status)
-    return EMResult(
+    result = EMResult(
         params=state.params,
         log_likelihood=state.objective,
         n_iter=state.step - 1,
@@ -441,6 +499,9 @@ def fit_em(
         status=status.astype(jnp.int32),
         history=state.history,
     )
+    if is_concrete(result.status):  # called eagerly, as fit is
+        warn_on_status(result.status, max_iter)
+    return result
 
 
 def _any_empty_state(state_mass: Array, total_weight: Array) -> Array:
@@ -466,7 +527,7 @@ def fit(
     weights: Array | None = None,
     n_init: int = 1,
     max_iter: int = 100,
-    tol: float | Array = 1e-3,
+    tol: float | Array | None = None,
     callback: Callback | None = None,
 ) -> EMResult:
     r"""Fit a model by EM from ``n_init`` initialisations and keep the best.
@@ -490,7 +551,8 @@ def fit(
       weights: optional non-negative sample weights, shape ``(n_samples,)``.
       n_init: number of restarts.
       max_iter: maximum EM iterations per restart.
-      tol: convergence threshold on the change of the mean objective.
+      tol: convergence threshold on the change of the mean objective; ``None``: the
+        default of :func:`fit_em` (``1e-3``; classification EM runs to its fixed point).
       callback: optional progress ``callback(iteration, objective)``, see
         :func:`fit_em`.
 
@@ -508,7 +570,7 @@ def fit(
     x, weights = _prepare(x, weights)
     n_init = check_positive_int(n_init, "n_init")
     max_iter = check_positive_int(max_iter, "max_iter", minimum=0)
-    check_nonnegative(tol, "tol")
+    tol = resolve_tol(model, tol)
     check_callback(callback)
     if is_concrete(x, weights):
         check_model_data(model, x)

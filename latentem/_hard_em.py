@@ -13,7 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from latentem._base import Array, LatentModel, Params, checked_log_joint
+from latentem._base import Array, LatentModel, LogJointFn, Params, checked_log_joint
 
 
 def hard_em(model: LatentModel) -> LatentModel:
@@ -33,7 +33,12 @@ def hard_em(model: LatentModel) -> LatentModel:
               \log p(x_n, z_n = k \mid \theta),
 
     which classification EM never decreases: the assignment step maximises it over the
-    labels and the M-step over the parameters (Celeux & Govaert, 1992). It is a lower
+    labels and the M-step over the parameters (Celeux & Govaert, 1992). There are
+    finitely many partitions, so the fit reaches a fixed point, where no sample changes
+    state and the M-step refits the same partition; the engine stops there
+    (``Status.CONVERGED``), and by default (``tol=None``, i.e. ``0`` for this model)
+    only there or at ``max_iter``. A ``tol`` stops it earlier, once the objective
+    changes by less than ``tol``. It is a lower
     bound of the marginal log-likelihood, and its maximiser is a different (biased)
     estimate when states overlap; ``result.log_likelihood``, ``score`` and
     ``score_samples`` on this model report :math:`\ell_C`, not the marginal
@@ -83,16 +88,31 @@ def hard_em(model: LatentModel) -> LatentModel:
 
 @functools.lru_cache(maxsize=256)
 def _hard_em(model: LatentModel) -> LatentModel:
-    log_joint_fn = model.log_joint
+    # The model's fused step (if any) is a soft-EM iteration: not this one.
+    return LatentModel(
+        **{
+            **model._asdict(),
+            "posterior": _ArgMaxPosterior(model.log_joint),
+            "fused_step": None,
+            "fused_prepare": None,
+        }
+    )
 
-    def posterior(params: Params, x: Array) -> tuple[Array, Array]:
-        log_joint = checked_log_joint(log_joint_fn, params, x)
+
+class _ArgMaxPosterior:
+    """The E-step of classification EM; its type tells the engine a model is hard EM."""
+
+    def __init__(self, log_joint: LogJointFn) -> None:
+        self.log_joint = log_joint
+
+    def __call__(self, params: Params, x: Array) -> tuple[Array, Array]:
+        log_joint = checked_log_joint(self.log_joint, params, x)
         labels = jnp.argmax(log_joint, axis=1)
         assignments = jax.nn.one_hot(labels, log_joint.shape[1], dtype=log_joint.dtype)
         # max, not a gather at the labels: the same number, and no index arithmetic.
         return assignments, jnp.max(log_joint, axis=1)
 
-    # The model's fused step (if any) is a soft-EM iteration: not this one.
-    return LatentModel(
-        **{**model._asdict(), "posterior": posterior, "fused_step": None, "fused_prepare": None}
-    )
+
+def is_classification_em(model: LatentModel) -> bool:
+    """Whether ``model`` was built by :func:`hard_em` (its E-step is an arg-max)."""
+    return isinstance(model.posterior, _ArgMaxPosterior)

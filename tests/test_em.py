@@ -1,6 +1,7 @@
 """The EM engine: loop semantics, statuses, weights, transformations, MAP-EM."""
 
 import functools
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -455,3 +456,19 @@ def test_misshapen_outputs_of_a_custom_model_are_refused_while_tracing(dtype, ca
     for call in calls:
         with pytest.raises(ValueError, match=pattern):
             call()
+
+
+def test_eager_fit_em_warns_on_a_bad_status_and_traced_fit_em_does_not(dtype):
+    """Eager entry points turn a bad status into a warning; fit_em is one when called
+    eagerly, and stays silent inside a transformation (the status is in the result)."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((200, 2)), dtype)
+    params = MODEL.init(jax.random.key(0), x, jnp.ones(200, dtype))
+    with pytest.warns(lem.ConvergenceWarning, match=r"max_iter=2 iterations \(Status.MAX_ITER\)"):
+        eager = lem.fit_em(MODEL, params, x, max_iter=2, tol=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        traced = jax.jit(functools.partial(lem.fit_em, MODEL, max_iter=2, tol=0.0))(params, x)
+    assert int(eager.status) == int(traced.status) == lem.Status.MAX_ITER
+    far = params._replace(means=params.means.at[2].set(1e3))  # a component no sample reaches
+    with pytest.warns(lem.ConvergenceWarning, match="EMPTY_COMPONENT"):
+        assert int(lem.fit_em(MODEL, far, x).status) == lem.Status.EMPTY_COMPONENT

@@ -134,6 +134,63 @@ def test_zero_weight_is_removal_and_integer_weight_is_repetition(dtype, data):
     with_weights = compiled_fit_em(MODEL)(start, x, weights=jnp.asarray(weights, dtype), tol=0.0)
     with_copies = compiled_fit_em(MODEL)(start, copied, weights=jnp.ones(x.shape[0], dtype), tol=0.0)
     assert_trees_all_close(with_weights.params, with_copies.params, rtol=1e-5, atol=1e-5)
+    assert int(with_weights.status) == int(with_copies.status) == lem.Status.CONVERGED
+    assert int(with_weights.n_iter) == int(with_copies.n_iter)
+
+
+def test_a_zero_weight_sample_changing_cluster_does_not_delay_the_stop(dtype):
+    """The fixed point is where no sample *with weight* changes cluster: a removed sample
+    that changes cluster as the centres move must not cost an iteration."""
+    model = lem.kmeans(2)
+    x = jnp.asarray([[0.0], [2.0], [10.0], [11.0]], dtype)
+    start = lem.KMeansParams(jnp.asarray([[0.0], [11.0]], dtype), jnp.asarray(1.0, dtype))
+    # Midway 5.5 between the first centres, 5.75 between the fitted ones (1, 10.5).
+    with_row = jnp.concatenate([x, jnp.asarray([[5.6]], dtype)])
+    weights = jnp.asarray([1.0, 1.0, 1.0, 1.0, 0.0], dtype)
+    labels = [
+        lem.predict(model, params, with_row[4:]).tolist()
+        for params in (start, lem.em_step(model, start, x)[0])
+    ]
+    assert labels == [[1], [0]]
+    removed, zero_weight = lem.fit_em(model, start, x), lem.fit_em(model, start, with_row, weights=weights)
+    assert int(removed.n_iter) == int(zero_weight.n_iter) == 1
+    assert int(removed.status) == int(zero_weight.status) == lem.Status.CONVERGED
+    assert_trees_all_close(zero_weight.params, removed.params, rtol=0, atol=0)
+
+
+def test_default_fit_runs_to_lloyds_fixed_point_as_scikit_learn(dtype):
+    """A relative change of the inertia can be small long before the fixed point: here
+    tol=1e-3 stopped after 3 iterations at an inertia 6% above it. By default the fit runs
+    until no label changes, as scikit-learn's KMeans (which counts one iteration more)."""
+    rng = np.random.default_rng(0)  # notebook 02's data
+    means = np.array([[0.0, 0.0], [4.0, 0.5], [1.5, 4.0], [5.5, 4.5]])
+    covariances = np.array(
+        [
+            [[1.0, 0.5], [0.5, 0.8]],
+            [[0.6, -0.3], [-0.3, 1.0]],
+            [[0.5, 0.0], [0.0, 0.5]],
+            [[1.2, 0.6], [0.6, 0.7]],
+        ]
+    )
+    labels = rng.choice(4, size=400, p=[0.3, 0.3, 0.2, 0.2])
+    noise = rng.standard_normal((400, 2))
+    x = (means[labels] + np.einsum("nij,nj->ni", np.linalg.cholesky(covariances)[labels], noise)).astype(
+        dtype
+    )
+    model = lem.kmeans(2)
+    start = lem.KMeansParams(jnp.asarray([[0.0, 2.0], [6.0, 2.0]], dtype), jnp.asarray(1.0, dtype))
+    reference = KMeans(2, init=np.asarray(start.centres, np.float64), n_init=1, algorithm="lloyd", tol=0.0)
+    reference.fit(x.astype(np.float64))
+    result = compiled_fit_em(model)(start, x)  # default tol
+    assert int(result.status) == lem.Status.CONVERGED
+    assert int(result.n_iter) == reference.n_iter_ - 1 >= 10
+    rtol = 1e-9 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(float(lem.inertia(result.params, x)), reference.inertia_, rtol=rtol)
+    np.testing.assert_array_equal(lem.predict(model, result.params, x), reference.labels_)
+    # A tolerance still stops it early (why it is not the default).
+    early = compiled_fit_em(model)(start, x, tol=1e-3)
+    assert int(early.n_iter) < int(result.n_iter)
+    assert float(lem.inertia(early.params, x)) > 1.05 * reference.inertia_
 
 
 def test_vmap_over_datasets_equals_a_loop(dtype):

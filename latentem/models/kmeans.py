@@ -78,20 +78,21 @@ def kmeans(n_clusters: int, init: str = "kmeans++") -> LatentModel:
     update step moves each centre to the weighted mean of its cluster,
     :math:`c_k = \sum_{n: z_n = k} w_n x_n / \sum_{n: z_n = k} w_n`. A cluster that
     loses all its samples keeps its centre (scikit-learn instead relocates it to a far
-    sample, so fits from a start that empties a cluster differ). From the same initial
-    centres, :func:`~latentem.fit_em` with ``tol=0`` reaches the same fixed point
-    (centres, labels and inertia) as scikit-learn's ``KMeans(algorithm="lloyd",
-    tol=0)``.
+    sample, so fits from a start that empties a cluster differ). By default a fit runs
+    to Lloyd's fixed point, where no sample changes cluster (see :func:`~latentem.hard_em`):
+    from the same initial centres, the centres, labels and inertia at which
+    scikit-learn's ``KMeans(algorithm="lloyd", tol=0)`` stops, in one iteration fewer
+    (scikit-learn counts the iteration that finds no label changed).
 
     The underlying probabilistic model is an equal-weight mixture of isotropic
     Gaussians around the centres with a shared variance, which the M-step sets to the
     within-cluster variance (see the module docstring): ``log_joint`` is its log joint
     density, ``sample`` draws from it, and ``result.log_likelihood`` is the
     classification log-likelihood, :math:`-\tfrac{d}{2}\log` of :func:`inertia` plus
-    a constant, so that ``tol`` is a relative change of the inertia: a fit stops when
-    an iteration lowers the inertia by a fraction of less than about ``2 tol / d``
-    (``tol=0`` runs ``max_iter`` iterations, to Lloyd's fixed point where it is
-    reached).
+    a constant, so that a ``tol`` is a relative change of the inertia: a fit given one
+    also stops when an iteration lowers the inertia by a fraction of less than about
+    ``2 tol / d``, which can be long before the fixed point while a few samples at a
+    time change cluster.
 
     Initialisation (``init``): ``"kmeans++"`` (greedy weighted k-means++, as
     scikit-learn's default) or ``"random_from_data"`` (distinct samples drawn with
