@@ -556,6 +556,15 @@ def is_concrete(*arrays: Any) -> bool:
     return not any(isinstance(leaf, jax.core.Tracer) for leaf in leaves)
 
 
+def check_latent_model(model: Any, caller: str) -> LatentModel:
+    """Raise a ``ValueError`` unless ``model`` is a :class:`LatentModel`."""
+    if not isinstance(model, LatentModel):
+        raise ValueError(
+            f"{caller} needs a LatentModel, e.g. lem.gaussian_mixture(3); got {type(model).__name__}."
+        )
+    return model
+
+
 def check_model_data(model: LatentModel, x: Array) -> None:
     """The model's own ``check_data`` on ``x``, when it has one and ``x`` is concrete."""
     if model.check_data is not None and is_concrete(x):
@@ -665,10 +674,9 @@ def check_x(x: Any, *, name: str = "x") -> Array:
             f"{name}.reshape(1, -1)."
         )
     if x.ndim != 2:
-        raise ValueError(
-            f"{name} must be 2-D with shape (n_samples, n_features); got shape {x.shape}. "
-            "To fit a batch of datasets use fit_batch (or jax.vmap over fit)."
-        )
+        # The hint is for the data a fit takes; validation data follow that data's shape.
+        hint = " To fit a batch of datasets use fit_batch (or jax.vmap over fit)." if name == "x" else ""
+        raise ValueError(f"{name} must be 2-D with shape (n_samples, n_features); got shape {x.shape}.{hint}")
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"{name} must have at least one sample and one feature; got shape {x.shape}.")
     if isinstance(x, np.ndarray):
@@ -701,31 +709,34 @@ def check_x(x: Any, *, name: str = "x") -> Array:
     return as_computed(x)
 
 
-def check_weights(weights: Any, n_samples: int, dtype: Any, *, xp: Any = jnp) -> Array:
+def check_weights(
+    weights: Any, n_samples: int, dtype: Any, *, xp: Any = jnp, name: str = "weights", data_name: str = "x"
+) -> Array:
     """Return sample weights as an array of shape ``(n_samples,)``; ones when ``None``.
 
     ``xp=np`` returns a NumPy array (for concrete weights), which avoids one small
     compiled conversion per distinct ``n_samples`` when many datasets are checked.
+    ``name`` and ``data_name`` name the weights and their data in errors.
     """
     if weights is None:
         # Built on the host and transferred: jnp.ones would compile a program.
         return _transfer(np.ones((n_samples,), dtype), xp)
-    weights = check_real(weights, "weights")  # NumPy weights are checked and converted on the host
+    weights = check_real(weights, name)  # NumPy weights are checked and converted on the host
     if weights.ndim != 1 or weights.shape[0] != n_samples:
         raise ValueError(
-            f"weights must have shape (n_samples,) = ({n_samples},), one per row of x; "
+            f"{name} must have shape (n_samples,) = ({n_samples},), one per row of {data_name}; "
             f"got shape {weights.shape}."
         )
     weights = weights.astype(dtype)
     if is_concrete(weights):
         values = np.asarray(weights)
         if not np.isfinite(values).all():
-            raise ValueError("weights must be finite; some are NaN or infinite.")
+            raise ValueError(f"{name} must be finite; some are NaN or infinite.")
         if (values < 0).any():
             rows = np.flatnonzero(values < 0)[:10].tolist()
-            raise ValueError(f"weights must be non-negative; negative at rows {rows}.")
+            raise ValueError(f"{name} must be non-negative; negative at rows {rows}.")
         if not values.sum() > 0:
-            raise ValueError("weights are all zero; at least one sample needs positive weight.")
+            raise ValueError(f"{name} are all zero; at least one sample needs positive weight.")
     return _transfer(weights, xp)
 
 
@@ -794,7 +805,10 @@ def check_positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
 
 
 def check_nonnegative(value: Any, name: str) -> Any:
-    """Raise a ``ValueError`` naming ``name`` if a concrete ``value`` is negative or NaN."""
+    """Raise a ``ValueError`` naming ``name`` unless ``value`` is a scalar, and, when it is
+    concrete, a non-negative one (not NaN)."""
+    if np.ndim(value) != 0:
+        raise ValueError(f"{name} must be a scalar; got an array of shape {np.shape(value)}.")
     if is_concrete(value):
         scalar = float(np.asarray(value))
         if not scalar >= 0:

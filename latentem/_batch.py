@@ -35,6 +35,7 @@ from latentem._base import (
     LatentModel,
     PRNGKey,
     as_computed,
+    check_latent_model,
     check_positive_int,
     check_real,
     check_weights,
@@ -43,7 +44,7 @@ from latentem._base import (
     jit,
     large_problem,
 )
-from latentem._em import fit, resolve_tol, warn_on_status
+from latentem._em import expects_convergence, fit, resolve_tol, warn_on_status
 
 # ---------------------------------------------------------------------------
 # Input checks for batches. Unlike ``check_x``, a NaN in a batch is not an error: the
@@ -62,7 +63,7 @@ def check_batch(x: Any, *, name: str = "x") -> Array:
         hint = (
             " For a single dataset use lem.fit; for datasets of different lengths use "
             "lem.stack_datasets first."
-            if x.ndim == 2
+            if x.ndim == 2 and name == "x"
             else ""
         )
         raise ValueError(
@@ -75,27 +76,31 @@ def check_batch(x: Any, *, name: str = "x") -> Array:
     return as_computed(jnp.asarray(x))
 
 
-def check_batch_weights(weights: Any, n_datasets: int, n_samples: int, dtype: Any) -> Array:
-    """Sample weights of a batch, shape ``(n_datasets, n_samples)``; ones when ``None``."""
+def check_batch_weights(
+    weights: Any, n_datasets: int, n_samples: int, dtype: Any, *, name: str = "weights", data_name: str = "x"
+) -> Array:
+    """Sample weights of a batch, shape ``(n_datasets, n_samples)``; ones when ``None``.
+    ``name`` and ``data_name`` name the weights and their data in errors."""
     if weights is None:
         return jnp.ones((n_datasets, n_samples), dtype)
-    weights = jnp.asarray(check_real(weights, "weights"))
+    weights = jnp.asarray(check_real(weights, name))
     if weights.shape != (n_datasets, n_samples):
         raise ValueError(
-            f"weights must have shape (n_datasets, n_samples) = ({n_datasets}, {n_samples}), one "
-            f"per row of x; got shape {weights.shape}."
+            f"{name} must have shape (n_datasets, n_samples) = ({n_datasets}, {n_samples}), one "
+            f"per row of {data_name}; got shape {weights.shape}."
         )
     if is_concrete(weights) and (np.asarray(weights) < 0).any():
         datasets = np.flatnonzero((np.asarray(weights) < 0).any(axis=1))[:10].tolist()
-        raise ValueError(f"weights must be non-negative; negative in datasets {datasets}.")
+        raise ValueError(f"{name} must be non-negative; negative in datasets {datasets}.")
     # Finite and not all zero overall: the single-dataset check, flattened.
-    weights = check_weights(weights.reshape(-1), n_datasets * n_samples, dtype).reshape(weights.shape)
+    flat = check_weights(weights.reshape(-1), n_datasets * n_samples, dtype, name=name, data_name=data_name)
+    weights = flat.reshape(weights.shape)
     if is_concrete(weights):
         empty = np.flatnonzero(~(np.asarray(weights).sum(axis=1) > 0))
         if empty.size:
             shown = ", ".join(str(i) for i in empty[:10]) + (", ..." if empty.size > 10 else "")
             raise ValueError(
-                f"weights are all zero for {empty.size} dataset(s): {shown}; give every dataset at "
+                f"{name} are all zero for {empty.size} dataset(s): {shown}; give every dataset at "
                 "least one sample with positive weight, or leave those datasets out."
             )
     return weights
@@ -151,11 +156,14 @@ def fit_batch(
     ``jax.vmap`` (compiled once per model, shapes, ``n_init`` and ``max_iter``, and
     reused), until its slowest member stops; each member keeps its own ``n_iter`` and
     ``status``. A degenerate dataset does not disturb the others: NaN data gives
-    ``Status.NONFINITE``; identical points or fewer weighted samples than components
-    give ``Status.EMPTY_COMPONENT``. Called eagerly, ``fit_batch`` checks shapes and
-    weights (``ValueError``) and warns once per bad status with the number of datasets
-    affected (:class:`~latentem.ConvergenceWarning`); it never raises for the contents
-    of one dataset.
+    ``Status.NONFINITE`` (also NaN in a row of zero weight: pad with
+    :func:`stack_datasets`, which pads with real rows); identical points or fewer
+    weighted samples than components give ``Status.EMPTY_COMPONENT`` from the
+    data-seeded initialisations (``init="random"`` spreads random responsibilities over
+    every component, which then collapse onto the same points). Called eagerly,
+    ``fit_batch`` checks shapes and weights (``ValueError``) and warns once per bad
+    status with the number of datasets affected (:class:`~latentem.ConvergenceWarning`);
+    it never raises for the contents of one dataset.
 
     Datasets of different lengths: pad them with :func:`stack_datasets`. A model of
     your own batches the same way, or one level lower with
@@ -185,6 +193,7 @@ def fit_batch(
       >>> result.params.means.shape, result.status.tolist()
       ((4, 2, 2), [0, 0, 0, 0])
     """
+    check_latent_model(model, "fit_batch")
     x = check_batch(x)
     n_datasets, n_samples = x.shape[:2]
     weights = check_batch_weights(weights, n_datasets, n_samples, float_dtype(x))
@@ -194,7 +203,7 @@ def fit_batch(
     tol = resolve_tol(model, tol)
     result = _fit_batch_compiled(model, keys, x, weights, tol, n_init=n_init, max_iter=max_iter)
     if is_concrete(result.status):
-        warn_on_status(result.status, max_iter)
+        warn_on_status(result.status, max_iter, expects_convergence(model, tol))
     return result
 
 
@@ -295,16 +304,19 @@ def stack_datasets(
         stacked_weights = np.zeros((len(arrays), n_samples), dtype)
         for b, (data, data_weights) in enumerate(zip(arrays, weights, strict=True)):
             rows = data.shape[0]
-            data_weights = check_weights(data_weights, rows, dtype, xp=np)
+            data_weights = check_weights(
+                data_weights, rows, dtype, xp=np, name=f"weights[{b}]", data_name=f"datasets[{b}]"
+            )
             stacked_x[b, :rows] = np.asarray(data)
             stacked_x[b, rows:] = stacked_x[b, np.argmax(data_weights > 0)]
             stacked_weights[b, :rows] = data_weights
         return jnp.asarray(stacked_x), jnp.asarray(stacked_weights)
     padded_x, padded_weights = [], []
-    for data, data_weights in zip(arrays, weights, strict=True):
+    for b, (data, data_weights) in enumerate(zip(arrays, weights, strict=True)):
         data = jnp.asarray(data).astype(dtype)
         rows = data.shape[0]
-        data_weights = check_weights(data_weights, rows, dtype)
+        names = {"name": f"weights[{b}]", "data_name": f"datasets[{b}]"}
+        data_weights = check_weights(data_weights, rows, dtype, **names)
         filler = data[jnp.argmax(data_weights > 0)]
         padded_x.append(jnp.concatenate([data, jnp.broadcast_to(filler, (n_samples - rows, n_features))]))
         padded_weights.append(jnp.concatenate([data_weights, jnp.zeros((n_samples - rows,), dtype)]))

@@ -44,6 +44,7 @@ from latentem._base import (
     Params,
     PRNGKey,
     check_key,
+    check_latent_model,
     check_model_data,
     check_positive_int,
     check_weights,
@@ -1015,8 +1016,7 @@ def check_model(
       >>> report.passed, report["weights"].passed
       (True, True)
     """
-    if not isinstance(model, LatentModel):
-        raise ValueError(f"check_model needs a LatentModel; got {type(model).__name__}.")
+    check_latent_model(model, "check_model")
     x = check_x(x)
     check_model_data(model, x)
     weights = check_weights(weights, x.shape[0], float_dtype(x))

@@ -30,6 +30,7 @@ from latentem._base import (
     Status,
     check_callback,
     check_key,
+    check_latent_model,
     check_model_data,
     check_nonnegative,
     check_positive_int,
@@ -417,6 +418,7 @@ def fit_em(
       Dempster, Laird & Rubin (1977), Maximum likelihood from incomplete data via the
       EM algorithm. JRSS B 39(1).
     """
+    check_latent_model(model, "fit_em")
     x, weights = _prepare(x, weights)
     check_model_data(model, x)
     max_iter = check_positive_int(max_iter, "max_iter", minimum=0)
@@ -500,7 +502,7 @@ def fit_em(
         history=state.history,
     )
     if is_concrete(result.status):  # called eagerly, as fit is
-        warn_on_status(result.status, max_iter)
+        warn_on_status(result.status, max_iter, expects_convergence(model, tol))
     return result
 
 
@@ -566,6 +568,7 @@ def fit(
       >>> int(result.status) == lem.Status.CONVERGED, round(float(result.log_likelihood), 2)
       (True, -4.16)
     """
+    check_latent_model(model, "fit")
     key = check_key(key)
     x, weights = _prepare(x, weights)
     n_init = check_positive_int(n_init, "n_init")
@@ -577,7 +580,7 @@ def fit(
         check_enough_samples(model, key, x, weights)
     result = _fit_compiled(model, key, x, weights, tol, n_init=n_init, max_iter=max_iter, callback=callback)
     if is_concrete(result.status):
-        warn_on_status(result.status, max_iter)
+        warn_on_status(result.status, max_iter, expects_convergence(model, tol))
     return result
 
 
@@ -640,8 +643,18 @@ def check_enough_samples(model: LatentModel, key: PRNGKey, x: Array, weights: Ar
         )
 
 
-def warn_on_status(status: Array, max_iter: int) -> None:
-    """Turn bad statuses of an eager EM fit (any batch shape) into ConvergenceWarnings."""
+def expects_convergence(model: LatentModel | None, tol: float | Array) -> bool:
+    """Whether ``Status.MAX_ITER`` is a failure worth a warning: not where ``tol=0``
+    asked for exactly ``max_iter`` iterations. Classification EM still stops at its
+    fixed point with ``tol=0`` (its default), and not reaching it is one."""
+    if model is not None and is_classification_em(model):
+        return True
+    return not is_concrete(tol) or float(np.asarray(tol)) > 0
+
+
+def warn_on_status(status: Array, max_iter: int, expect_convergence: bool = True) -> None:
+    """Turn bad statuses of an eager EM fit (any batch shape) into ConvergenceWarnings;
+    ``Status.MAX_ITER`` only when ``expect_convergence`` (see :func:`expects_convergence`)."""
     messages = {
         Status.NONFINITE: "the objective or parameters became NaN or infinite (Status.NONFINITE); the "
         "last finite parameters were returned. Check the data for NaN/inf or values outside the "
@@ -649,7 +662,7 @@ def warn_on_status(status: Array, max_iter: int) -> None:
         Status.EMPTY_COMPONENT: "a component ended with no samples (Status.EMPTY_COMPONENT); the data "
         "support fewer components (or contain duplicated points). Reduce n_components.",
     }
-    if max_iter > 0:
+    if max_iter > 0 and expect_convergence:
         messages[Status.MAX_ITER] = (
             f"EM did not converge in max_iter={max_iter} iterations (Status.MAX_ITER); "
             "increase max_iter or tol."

@@ -23,6 +23,7 @@ from latentem._base import (
     Params,
     Status,
     check_callback,
+    check_latent_model,
     check_model_data,
     check_nonnegative,
     check_positive_int,
@@ -36,6 +37,7 @@ from latentem._em import (
     _prepare,
     _weighted_log_likelihood,
     e_step,
+    expects_convergence,
     warn_status_counts,
 )
 
@@ -171,9 +173,11 @@ def fit_gradient(
     ``optax.sgd`` with momentum, and ``optax.lbfgs``, whose line search receives the
     objective through ``update(..., value=, grad=, value_fn=)`` and whose stored value
     and gradient are reused (``optax.value_and_grad_from_state``). The loop is a
-    ``lax.while_loop``; it stops after ``num_steps``, when the objective changes by
-    less than ``tol``, or when the objective, the coordinates or the gradient stop
-    being finite (``Status.NONFINITE``: the last finite parameters are returned).
+    ``lax.while_loop``; it stops after ``num_steps``, when a step that moves the
+    coordinates changes the objective by less than ``tol`` (a step that leaves them
+    unchanged, as ``optax.MultiSteps`` takes while it accumulates gradients, does not
+    count), or when the objective, the coordinates or the gradient stop being finite
+    (``Status.NONFINITE``: the last finite parameters are returned).
     A finite-state fit that ends with a component holding no posterior mass reports
     ``Status.EMPTY_COMPONENT``, as in ``fit_em``.
 
@@ -191,7 +195,9 @@ def fit_gradient(
       weights: optional non-negative sample weights, shape ``(n_samples,)``.
       num_steps: maximum number of optimizer steps (a Python int).
       tol: stop when the objective changes by less than this in one step; ``None``
-        (or ``0``) runs all ``num_steps``.
+        (or ``0``) runs all ``num_steps`` (and ``MAX_ITER`` then brings no warning). The
+        change per step scales with the step size: a small learning rate meets a
+        ``tol`` early, far from the optimum.
       callback: optional ``callback(step, objective)`` called on the host through
         ``jax.debug.callback`` with the objective at the start (``step`` 0) and after
         each optimizer step, as :func:`~latentem.fit_em`'s; for progress displays and
@@ -217,15 +223,16 @@ def fit_gradient(
       mixtures. Neural Computation 8(1). Liu & Nocedal (1989), On the limited memory
       BFGS method for large scale optimization. Math. Programming 45.
     """
+    check_latent_model(model, "fit_gradient")
     _require_bijection(model)
     _check_optimizer(optimizer)
     x, weights = _prepare(x, weights)
     check_model_data(model, x)
     num_steps = check_positive_int(num_steps, "num_steps", minimum=0)
-    expect_convergence = tol is not None
     if tol is None:
         tol = 0.0  # |change| < 0 never holds: run every step
     check_nonnegative(tol, "tol")
+    expect_convergence = expects_convergence(None, tol)
     check_callback(callback)
     result = _fit_gradient_compiled(
         model, optimizer, params, x, weights, tol, num_steps=num_steps, callback=callback
@@ -305,7 +312,22 @@ def _fit_gradient_compiled(
         new_unconstrained = optax.apply_updates(state.unconstrained, updates)
         new_value, new_gradient = value_and_gradient(new_unconstrained, new_optimizer_state)
         finite = jnp.isfinite(new_value) & tree_all_finite(new_unconstrained) & tree_all_finite(new_gradient)
-        converged = finite & (jnp.abs(new_value - state.value) < tol)
+        # A step that left the coordinates where they were (an optimizer accumulating
+        # gradients, as optax.MultiSteps between its updates) changes nothing, which
+        # says nothing about convergence.
+        moved = jnp.any(
+            jnp.stack(
+                [
+                    jnp.any(new != old)
+                    for new, old in zip(
+                        jax.tree_util.tree_leaves(new_unconstrained),
+                        jax.tree_util.tree_leaves(state.unconstrained),
+                        strict=True,
+                    )
+                ]
+            )
+        )
+        converged = finite & moved & (jnp.abs(new_value - state.value) < tol)
         status = jnp.where(
             finite, jnp.where(converged, int(Status.CONVERGED), _RUNNING), int(Status.NONFINITE)
         )

@@ -13,7 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from latentem._base import Array, LatentModel, LogJointFn, Params, checked_log_joint
+from latentem._base import Array, LatentModel, LogJointFn, Params, check_latent_model, checked_log_joint
 
 
 def hard_em(model: LatentModel) -> LatentModel:
@@ -75,8 +75,7 @@ def hard_em(model: LatentModel) -> LatentModel:
       Celeux & Govaert (1992), A classification EM algorithm for clustering and two
       stochastic versions. Computational Statistics & Data Analysis 14(3).
     """
-    if not isinstance(model, LatentModel):
-        raise ValueError(f"hard_em needs a LatentModel; got {type(model).__name__}.")
+    check_latent_model(model, "hard_em")
     if model.log_joint is None:
         raise ValueError(
             "hard_em needs a finite-state model (one with log_joint): classification EM "

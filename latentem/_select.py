@@ -44,6 +44,7 @@ from latentem._em import (
     _weighted_posterior,
     best_restart,
     e_step,
+    expects_convergence,
     fit_em,
     score,
     warn_on_status,
@@ -308,7 +309,7 @@ def select_n_components(
         keys, x, weights, x_validation, validation_weights, tol, batched=batched, **options
     )
     if is_concrete(result.status):
-        warn_on_status(result.status, max_iter)
+        warn_on_status(result.status, max_iter, expects_convergence(None, tol))
     return result
 
 
@@ -349,17 +350,29 @@ def _check_validation(
                 f"{x_validation.shape[0]}."
             )
         validation_weights = check_batch_weights(
-            validation_weights, x_validation.shape[0], x_validation.shape[1], x.dtype
+            validation_weights,
+            x_validation.shape[0],
+            x_validation.shape[1],
+            float_dtype(x),
+            name="validation_weights",
+            data_name="x_validation",
         )
     else:
         x_validation = check_x(x_validation, name="x_validation")
-        validation_weights = check_weights(validation_weights, x_validation.shape[0], x.dtype)
+        validation_weights = check_weights(
+            validation_weights,
+            x_validation.shape[0],
+            float_dtype(x),
+            name="validation_weights",
+            data_name="x_validation",
+        )
     if x_validation.shape[-1] != x.shape[-1]:
         raise ValueError(
             f"x_validation has {x_validation.shape[-1]} features but x has {x.shape[-1]}; they "
             "must describe the same features."
         )
-    return x_validation.astype(x.dtype), validation_weights
+    # The training data's float dtype: integer x (counts) must not truncate them.
+    return x_validation.astype(float_dtype(x)), validation_weights
 
 
 # ---------------------------------------------------------------------------

@@ -323,3 +323,10 @@ def test_stack_datasets_rejects_bad_inputs():
         lem.stack_datasets([np.zeros((2, 1)), np.zeros(3)])
     with pytest.raises(ValueError, match="one entry"):
         lem.stack_datasets([np.zeros((2, 1))], weights=[None, None])
+    # Weights are checked per dataset, and the error says which.
+    for as_array in (np.asarray, jnp.asarray):
+        datasets = [as_array(np.zeros((2, 1))), as_array(np.zeros((3, 1)))]
+        with pytest.raises(ValueError, match=r"weights\[1\] must have shape .* one per row of datasets\[1\]"):
+            lem.stack_datasets(datasets, weights=[None, as_array(np.ones(2))])
+        with pytest.raises(ValueError, match=r"weights\[1\] are all zero"):
+            lem.stack_datasets(datasets, weights=[None, as_array(np.zeros(3))])

@@ -366,7 +366,7 @@ def test_fit_inside_a_user_jit_compiles_without_options(dtype, n_samples):
     user's jit (tuned for large data, quick-compile for small) must not pass them."""
     x = jnp.asarray(np.random.default_rng(0).standard_normal((n_samples, 8)), dtype)
     assert lem._base.large_problem(x) == (n_samples > 1000)
-    fit = functools.partial(lem.fit, MODEL, max_iter=2, tol=0.0)
+    fit = functools.partial(lem.fit, MODEL, max_iter=2, tol=1e-30)
     inside = jax.jit(lambda x: fit(jax.random.key(0), x))(x)
     with pytest.warns(lem.ConvergenceWarning, match="MAX_ITER"):  # eager fits warn
         outside = fit(jax.random.key(0), x)
@@ -464,11 +464,48 @@ def test_eager_fit_em_warns_on_a_bad_status_and_traced_fit_em_does_not(dtype):
     x = jnp.asarray(np.random.default_rng(0).standard_normal((200, 2)), dtype)
     params = MODEL.init(jax.random.key(0), x, jnp.ones(200, dtype))
     with pytest.warns(lem.ConvergenceWarning, match=r"max_iter=2 iterations \(Status.MAX_ITER\)"):
-        eager = lem.fit_em(MODEL, params, x, max_iter=2, tol=0.0)
+        eager = lem.fit_em(MODEL, params, x, max_iter=2, tol=1e-30)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        traced = jax.jit(functools.partial(lem.fit_em, MODEL, max_iter=2, tol=0.0))(params, x)
+        traced = jax.jit(functools.partial(lem.fit_em, MODEL, max_iter=2, tol=1e-30))(params, x)
     assert int(eager.status) == int(traced.status) == lem.Status.MAX_ITER
     far = params._replace(means=params.means.at[2].set(1e3))  # a component no sample reaches
     with pytest.warns(lem.ConvergenceWarning, match="EMPTY_COMPONENT"):
         assert int(lem.fit_em(MODEL, far, x).status) == lem.Status.EMPTY_COMPONENT
+
+
+def test_tol_zero_asks_for_max_iter_iterations_without_a_warning(dtype):
+    """tol=0 runs exactly max_iter iterations: MAX_ITER is what was asked for, not a
+    failure to converge. Classification EM still stops at its fixed point with tol=0,
+    so for it MAX_ITER does warn."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((200, 2)), dtype)
+    params = MODEL.init(jax.random.key(0), x, jnp.ones(200, dtype))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert int(lem.fit_em(MODEL, params, x, max_iter=2, tol=0.0).status) == lem.Status.MAX_ITER
+        assert int(lem.fit(MODEL, jax.random.key(0), x, max_iter=2, tol=0).status) == lem.Status.MAX_ITER
+        batch = lem.fit_batch(MODEL, jax.random.key(0), x[None], max_iter=2, tol=0.0)
+        assert int(batch.status[0]) == lem.Status.MAX_ITER
+    kmeans = lem.kmeans(3)
+    with pytest.warns(lem.ConvergenceWarning, match="MAX_ITER"):
+        result = lem.fit(kmeans, jax.random.key(0), x, max_iter=1, tol=0.0)
+    assert int(result.status) == lem.Status.MAX_ITER
+
+
+def test_entry_points_refuse_what_is_not_a_model_and_a_tol_that_is_not_a_scalar(dtype):
+    x = np.random.default_rng(0).standard_normal((50, 2)).astype(dtype)
+    calls = {
+        "fit": lambda model, **kw: lem.fit(model, jax.random.key(0), x, **kw),
+        "fit_em": lambda model, **kw: lem.fit_em(
+            model, MODEL.init(jax.random.key(0), x, np.ones(50)), x, **kw
+        ),
+        "fit_batch": lambda model, **kw: lem.fit_batch(model, jax.random.key(0), x[None], **kw),
+        "fit_gradient": lambda model, **kw: lem.fit_gradient(
+            model, MODEL.init(jax.random.key(0), x, np.ones(50)), x, optax.adam(0.1), **kw
+        ),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=f"{name} needs a LatentModel, e.g. lem.gaussian_mixture"):
+            call("gmm")
+        with pytest.raises(ValueError, match=r"tol must be a scalar; got an array of shape \(2,\)"):
+            call(MODEL, tol=np.array([1e-3, 1e-3]))

@@ -296,6 +296,31 @@ def test_kmeans_plusplus_seeds_are_distinct_weighted_data_points(dtype):
     assert len(np.unique(labels)) == 3
 
 
+def test_kmeans_plusplus_ignores_a_zero_weight_row_whose_distance_overflows(dtype):
+    """Zero weight is removal, also for a row so far out that its squared distance is
+    infinite: 0 * inf was NaN in the seeding's masses, which then drew a useless centre
+    (a fit ended EMPTY_COMPONENT with the two-component log-likelihood)."""
+    x = blobs(1, n_per_cluster=30)
+    far = np.concatenate([x, np.full((1, 2), np.finfo(dtype).max ** 0.75)]).astype(dtype)
+    weights = np.concatenate([np.ones(90), [0.0]]).astype(dtype)
+    for seed in range(3):
+        centres = kmeans_plusplus(jax.random.key(seed), jnp.asarray(far), 3, jnp.asarray(weights))
+        np.testing.assert_array_equal(
+            centres, kmeans_plusplus(jax.random.key(seed), jnp.asarray(x, dtype), 3, jnp.ones(90, dtype))
+        )
+    model = lem.gaussian_mixture(3)
+    removed, zero_weight = (
+        lem.fit(model, jax.random.key(0), x.astype(dtype)),
+        lem.fit(model, jax.random.key(0), far, weights=weights),
+    )
+    assert int(removed.status) == int(zero_weight.status) == lem.Status.CONVERGED
+    np.testing.assert_allclose(
+        float(zero_weight.log_likelihood),
+        float(removed.log_likelihood),
+        rtol=1e-12 if dtype == np.float64 else 1e-5,
+    )
+
+
 @pytest.mark.parametrize("init", ["kmeans++", "random_from_data", "random"])
 def test_every_init_gives_valid_params_and_a_good_fit(init, dtype):
     x = jnp.asarray(blobs(2, n_per_cluster=60), dtype)

@@ -366,17 +366,33 @@ def test_objective_includes_log_prior(x, start):
     )
 
 
-def test_runs_all_steps_without_tol(x, start):
+@pytest.mark.parametrize("tol", [None, 0.0])
+def test_runs_all_steps_without_tol(x, start, tol):
     model = lem.gaussian_mixture(N_COMPONENTS, "full")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # running out of steps without tol is no warning
-        result = lem.fit_gradient(model, start["full"], x, ADAM, num_steps=NUM_STEPS)
+        result = lem.fit_gradient(model, start["full"], x, ADAM, num_steps=NUM_STEPS, tol=tol)
     assert int(result.status) == lem.Status.MAX_ITER
     assert not bool(result.converged)
     assert int(result.n_steps) == NUM_STEPS
     assert np.isfinite(np.asarray(result.history)).all()
     rtol = 1e-12 if is_x64() else 1e-6
     np.testing.assert_allclose(float(result.history[-1]), float(result.log_likelihood), rtol=rtol)
+
+
+def test_a_step_that_moves_nothing_is_not_convergence(x, start, em_results):
+    """optax.MultiSteps returns zero updates while it accumulates gradients: the objective
+    does not change in those steps, which had stopped the fit after one step, CONVERGED
+    far from the optimum."""
+    model = lem.gaussian_mixture(N_COMPONENTS, "full")
+    optimizer = optax.MultiSteps(optax.adam(0.05), every_k_schedule=2)
+    result = lem.fit_gradient(model, start["full"], x, optimizer, num_steps=NUM_STEPS, tol=1e-6)
+    assert int(result.status) == lem.Status.CONVERGED and int(result.n_steps) > 10
+    history = np.asarray(result.history[: int(result.n_steps)])
+    assert np.any(history[1:] == history[:-1])  # the accumulating steps were there
+    np.testing.assert_allclose(
+        float(result.log_likelihood), float(em_results["full"].log_likelihood), rtol=0, atol=1e-4
+    )
 
 
 def test_progress_callback_reports_every_step(x, start):

@@ -268,3 +268,33 @@ def test_select_rejects_bad_inputs_with_clear_messages():
         lem.select_n_components(KEY, x, CANDIDATES, criterion="heldout", x_validation=np.zeros((5, 3)))
     with pytest.raises(ValueError, match="NaN"):
         lem.select_n_components(KEY, np.full((10, 2), np.nan), CANDIDATES)
+    with pytest.raises(
+        ValueError, match=r"validation_weights must have shape .* one per row of x_validation"
+    ):
+        lem.select_n_components(
+            KEY, x, CANDIDATES, criterion="heldout", x_validation=x, validation_weights=np.ones(5)
+        )
+    with pytest.raises(ValueError, match=r"x_validation must be 2-D .* got shape \(1, 5, 2\)\.$"):
+        lem.select_n_components(KEY, x, CANDIDATES, criterion="heldout", x_validation=np.zeros((1, 5, 2)))
+
+
+def test_integer_data_do_not_truncate_the_validation_data():
+    """Counts as training data are fitted in floats; the validation data and weights must
+    not be cast to the counts' integer dtype (scores of truncated data, and weights of
+    0.5 read as all zero)."""
+    x = np.round(training_data() * 3).astype(np.int32)
+    x_validation = np.random.default_rng(5).standard_normal((200, 2)) * 3 + 0.5
+    options = {"criterion": "heldout", "x_validation": x_validation, "n_init": 2}
+    from_counts = lem.select_n_components(KEY, x, [1, 2, 3], **options)
+    from_floats = lem.select_n_components(KEY, x.astype(np.float64), [1, 2, 3], **options)
+    rtol = 1e-12 if is_x64() else 1e-6
+    np.testing.assert_allclose(np.asarray(from_counts.score), np.asarray(from_floats.score), rtol=rtol)
+    _, covariance_type, params = from_counts.chosen()
+    model = lem.gaussian_mixture(from_counts.best_n_components, covariance_type)
+    np.testing.assert_allclose(
+        float(np.asarray(from_counts.score)[int(from_counts.best)]),
+        float(lem.score(model, params, x_validation)),
+        rtol=rtol,
+    )
+    halves = lem.select_n_components(KEY, x, [1, 2, 3], **options, validation_weights=np.full(200, 0.5))
+    np.testing.assert_allclose(np.asarray(halves.score), np.asarray(from_counts.score), rtol=rtol)

@@ -50,16 +50,22 @@ def kmeans_plusplus(key: PRNGKey, x: Array, n_clusters: int, weights: Array) -> 
     centres = jnp.broadcast_to(x[first], (n_clusters, x.shape[1]))
     closest = jnp.sum(jnp.square(x - x[first][None, :]), axis=1)
 
+    def weighted(distances: Array) -> Array:
+        """``w_n`` times the distances, shape ``(..., n_samples)``. A zero-weight row far
+        out has an infinite squared distance, and 0 * inf is NaN."""
+        w = weights.reshape((1,) * (distances.ndim - 1) + weights.shape)
+        return jnp.where(w > 0, w * distances, 0)
+
     def add_centre(i: Array, carry: tuple[Array, Array]) -> tuple[Array, Array]:
         centres, closest = carry
-        mass = weights * closest
+        mass = weighted(closest)
         # When every weighted point already sits on a centre (duplicated data), draw by
         # weight alone: the duplicate centre becomes an empty component, reported later.
         mass = jnp.where(jnp.any(mass > 0), mass, weights)
         candidates = _draw(mass, uniforms[i])
         distances = squared_distances(x, x[candidates]).T  # (n_trials, n_samples)
         new_closest = jnp.minimum(closest[None, :], distances)
-        best = jnp.argmin(jnp.sum(new_closest * weights[None, :], axis=1))
+        best = jnp.argmin(jnp.sum(weighted(new_closest), axis=1))
         return centres.at[i].set(x[candidates[best]]), new_closest[best]
 
     centres, _ = jax.lax.fori_loop(1, n_clusters, add_centre, (centres, closest))
