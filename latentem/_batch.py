@@ -156,8 +156,8 @@ def fit_batch(
     ``jax.vmap`` (compiled once per model, shapes, ``n_init`` and ``max_iter``, and
     reused), until its slowest member stops; each member keeps its own ``n_iter`` and
     ``status``. A degenerate dataset does not disturb the others: NaN data gives
-    ``Status.NONFINITE`` (also NaN in a row of zero weight: pad with
-    :func:`stack_datasets`, which pads with real rows); identical points or fewer
+    ``Status.NONFINITE`` (a row of zero weight is removed whatever it holds, NaN
+    padding included); identical points or fewer
     weighted samples than components give ``Status.EMPTY_COMPONENT`` from the
     data-seeded initialisations (``init="random"`` spreads random responsibilities over
     every component, which then collapse onto the same points). Called eagerly,
@@ -216,9 +216,21 @@ def _fit_batch_compiled(
     model: LatentModel, keys: PRNGKey, x: Array, weights: Array, tol: Array, *, n_init: int, max_iter: int
 ) -> EMResult:
     def fit_one(key: PRNGKey, x: Array, weights: Array) -> EMResult:
+        x = remove_zero_weight_rows(x, weights)
         return fit(model, key, x, weights=weights, n_init=n_init, max_iter=max_iter, tol=tol)
 
     return jax.vmap(fit_one)(keys, x, weights)
+
+
+def remove_zero_weight_rows(x: Array, weights: Array) -> Array:
+    """``x`` with its rows of zero weight replaced by a row of positive weight.
+
+    A zero weight removes a sample whatever it holds: NaN or inf padding, which
+    :func:`check_batch` lets through (a dataset's NaN is its own ``NONFINITE``), would
+    otherwise reach the sums as 0 * NaN and fail the whole dataset.
+    """
+    filler = x[jnp.argmax(weights > 0)]
+    return jnp.where((weights > 0)[:, None], x, filler[None, :])
 
 
 # ---------------------------------------------------------------------------
