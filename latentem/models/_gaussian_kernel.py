@@ -113,8 +113,8 @@ def moments(
       >>> x = jnp.array([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]])
       >>> out = kernel.moments(x, jnp.ones(3), jnp.zeros(2), jnp.eye(2)[None],
       ...                      jnp.zeros((1, 2)), jnp.zeros(1), interpret=True)
-      >>> out.counts, out.centred_means
-      (Array([3.], dtype=float32), Array([[2., 3.]], dtype=float32))
+      >>> out.counts.tolist(), out.centred_means.tolist()
+      ([3.0], [[2.0, 3.0]])
     """
     n_samples, n_features = x.shape
     n_components = factor.shape[0]
