@@ -68,8 +68,9 @@ def hard_em(model: LatentModel) -> LatentModel:
       >>> x = lem.datasets.load_faithful()
       >>> model = lem.hard_em(lem.gaussian_mixture(2, covariance_type="spherical"))
       >>> result = lem.fit(model, jax.random.key(0), x)
-      >>> bool(result.converged), lem.predict_proba(model, result.params, x[:2]).tolist()
-      (True, [[1.0, 0.0], [0.0, 1.0]])
+      >>> probabilities = lem.predict_proba(model, result.params, x[:2])  # one-hot rows
+      >>> bool(result.converged), sorted(probabilities.tolist())
+      (True, [[0.0, 1.0], [1.0, 0.0]])
 
     References:
       Celeux & Govaert (1992), A classification EM algorithm for clustering and two

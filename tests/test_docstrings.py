@@ -27,6 +27,8 @@ def test_every_module_is_collected():
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name):
     module = importlib.import_module(name)
+    if name == "latentem.models._gaussian_kernel" and module.pl is None:
+        pytest.skip("this JAX has no Pallas Triton backend (the kernel is not used)")
     finder = doctest.DocTestFinder(exclude_empty=True)
     runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
     for test in finder.find(module, name):  # in the module's namespace, as pytest runs them

@@ -390,8 +390,10 @@ def test_a_step_that_moves_nothing_is_not_convergence(x, start, em_results):
     assert int(result.status) == lem.Status.CONVERGED and int(result.n_steps) > 10
     history = np.asarray(result.history[: int(result.n_steps)])
     assert np.any(history[1:] == history[:-1])  # the accumulating steps were there
+    # Near EM's optimum: Adam stops once a step gains less than tol, 1e-5 to 1.1e-4 short
+    # of it (optax 0.2.3 and 0.2.8, both precisions); after one step it was 8e-4 to 1.7e-3.
     np.testing.assert_allclose(
-        float(result.log_likelihood), float(em_results["full"].log_likelihood), rtol=0, atol=1e-4
+        float(result.log_likelihood), float(em_results["full"].log_likelihood), rtol=0, atol=3e-4
     )
 
 
