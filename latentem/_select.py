@@ -38,7 +38,7 @@ from latentem._base import (
     jit,
     large_problem,
 )
-from latentem._batch import check_batch, check_batch_weights, dataset_keys, remove_zero_weight_rows
+from latentem._batch import check_batch, check_batch_weights, dataset_keys
 from latentem._em import (
     _any_empty_state,
     _weighted_posterior,
@@ -487,8 +487,6 @@ def _select_one(
     """All candidates on one dataset (traceable; the body of the compiled program)."""
     x = x.astype(float_dtype(x))
     weights = weights.astype(x.dtype)
-    x = remove_zero_weight_rows(x, weights)
-    x_validation = remove_zero_weight_rows(x_validation, validation_weights)
     candidates, criterion = options["candidates"], options["criterion"]
     largest, n_features = candidates[-1], x.shape[1]
     # Row r of the table (types outer, n_components inner) uses split(key, n_rows)[r].
