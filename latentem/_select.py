@@ -76,7 +76,8 @@ class SelectionResult(NamedTuple):
       status: shape ``(n_candidates,)``, int32, each candidate's :class:`Status`,
         judged on its own components only.
       best: int32 index of the chosen candidate (the best finite score; ties go to the
-        earlier row, so to fewer components).
+        earlier row, so to fewer components). When no candidate's fit is finite (every
+        status ``NONFINITE``, every score infinite) it is 0, and :meth:`chosen` raises.
       best_n_components: int32, ``n_components[best]``.
       params: the chosen candidate's fitted :class:`GaussianMixtureParams`, padded to
         ``max(candidates)`` components: the components it does not have come last, with
@@ -115,7 +116,7 @@ class SelectionResult(NamedTuple):
                     "log_likelihood": float(self.log_likelihood[index]),
                     "n_parameters": int(self.n_parameters[index]),
                     "status": Status(int(self.status[index])).name,
-                    "best": index == int(self.best),
+                    "best": index == int(self.best) and self._has_a_finite_fit(),
                 }
             )
         return rows
@@ -125,9 +126,16 @@ class SelectionResult(NamedTuple):
 
         ``params`` are trimmed to the candidate's own components and covariance shape,
         ready for ``gaussian_mixture(n_components, covariance_type)``. Needs a
-        concrete, unbatched result.
+        concrete, unbatched result, and raises a ``ValueError`` when no candidate's fit
+        is finite (there is nothing to choose).
         """
         _require_unbatched(self)
+        if not self._has_a_finite_fit():
+            raise ValueError(
+                "no candidate's fit is finite (every status is NONFINITE), so there is nothing "
+                "to choose: increase reg_covar (it must be > 0 for data with identical points), "
+                "try fewer components, or scale the data."
+            )
         n_components = int(self.best_n_components)
         covariance_type = COVARIANCE_TYPES[int(self.covariance_type[int(self.best)])]
         several_types = len(set(np.asarray(self.covariance_type).tolist())) > 1
@@ -144,6 +152,11 @@ class SelectionResult(NamedTuple):
             covariances=covariances,
         )
         return n_components, covariance_type, trimmed
+
+    def _has_a_finite_fit(self) -> bool:
+        # best is the best finite score; with none finite it is the first row, and its
+        # score is infinite (inf for BIC and AIC, -inf held out).
+        return bool(np.isfinite(np.asarray(self.score)[int(self.best)]))
 
 
 def _require_unbatched(result: SelectionResult) -> None:

@@ -298,3 +298,27 @@ def test_integer_data_do_not_truncate_the_validation_data():
     )
     halves = lem.select_n_components(KEY, x, [1, 2, 3], **options, validation_weights=np.full(200, 0.5))
     np.testing.assert_allclose(np.asarray(halves.score), np.asarray(from_counts.score), rtol=rtol)
+
+
+@pytest.mark.parametrize("criterion", ["bic", "heldout"])
+def test_no_finite_candidate_leaves_nothing_to_choose(criterion):
+    """Two groups of identical points with reg_covar=0: every candidate's covariances
+    are exactly singular. The table must not mark a NaN fit as best, and chosen() must
+    refuse rather than hand back singular params."""
+    x = np.concatenate([np.ones((50, 2)), np.full((50, 2), 5.0)])
+    options = {"x_validation": x} if criterion == "heldout" else {}
+    with pytest.warns(lem.ConvergenceWarning, match="NONFINITE"):
+        result = lem.select_n_components(KEY, x, [2, 3], reg_covar=0.0, criterion=criterion, **options)
+    rows = result.table()
+    assert [row["status"] for row in rows] == ["NONFINITE", "NONFINITE"]
+    assert not any(row["best"] for row in rows)
+    assert not np.isfinite(np.asarray(result.score)).any()
+    with pytest.raises(ValueError, match="no candidate's fit is finite"):
+        result.chosen()
+    # With a regulariser the same data have finite fits, and one is chosen (three
+    # components on two distinct points may end EMPTY_COMPONENT, which is finite).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lem.ConvergenceWarning)
+        regularised = lem.select_n_components(KEY, x, [2, 3], criterion=criterion, **options)
+    assert sum(row["best"] for row in regularised.table()) == 1
+    assert regularised.chosen()[0] in (2, 3)
