@@ -2,7 +2,10 @@
 
 import pathlib
 import re
+import subprocess
+import sys
 
+import jax
 import numpy as np
 
 import latentem as lem
@@ -47,12 +50,16 @@ def test_poisson_mixture_example_recovers_rates():
     np.testing.assert_allclose(np.asarray(result.params.weights)[order], expected_weights, atol=2e-3)
 
 
-def test_every_other_section_runs(tmp_path, monkeypatch):
-    """The remaining code blocks, in order, in one namespace, as a reader would paste them."""
+def run_every_other_section():
+    """The remaining code blocks, in order, in one namespace, as a reader would paste them
+    into a fresh interpreter (run in the current directory: the saving example writes
+    model.npz)."""
     import matplotlib
 
     matplotlib.use("Agg")
-    monkeypatch.chdir(tmp_path)  # the saving example writes model.npz
+    # The suite's promotion rules (tests/conftest.py), which this fresh process lacks.
+    jax.config.update("jax_numpy_dtype_promotion", "strict")
+    jax.config.update("jax_numpy_rank_promotion", "raise")
     namespace = {}
     for block in python_blocks("Quickstart") + python_blocks("Your own model")[:1]:
         exec(compile(block, "README.md", "exec"), namespace)
@@ -67,9 +74,28 @@ def test_every_other_section_runs(tmp_path, monkeypatch):
     for section in sections:
         for block in python_blocks(section):
             exec(compile(block, f"README.md ({section})", "exec"), namespace)
-    assert (tmp_path / "model.npz").exists()
+    assert pathlib.Path("model.npz").exists()
     assert namespace["n_components"] == 2
     np.testing.assert_allclose(float(namespace["lbfgs"].log_likelihood), -4.1554, atol=1e-3)
     assert namespace["x_padded"].shape[0] == 3 and namespace["results"].status.shape == (1000,)
     assert namespace["x_sharded"].shape == namespace["x"].shape
     assert namespace["sharded_results"].status.tolist() == [lem.Status.CONVERGED] * 64
+    print("README sections ran")
+
+
+def test_every_other_section_runs(tmp_path):
+    # In a fresh interpreter, as a reader runs them. (In the suite's long-lived xdist
+    # workers this test was where XLA's compiler crashed, a SIGABRT or SIGSEGV inside
+    # backend_compile_and_load, in 4 of about 14 suite runs of 2026-12-07, each time
+    # compiling a different program; run alone it passed 26 of 26 times, so the crash
+    # needs what earlier tests left in the process. Cause not found: see the closing
+    # notes of the twenty-second and twenty-third sessions.)
+    script = (
+        f"import sys; sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r}); "
+        "import test_readme; test_readme.run_every_other_section()"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=900
+    )
+    assert completed.returncode == 0, (completed.stdout + completed.stderr)[-5000:]
+    assert completed.stdout.strip().endswith("README sections ran")
