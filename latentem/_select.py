@@ -76,8 +76,8 @@ class SelectionResult(NamedTuple):
       status: shape ``(n_candidates,)``, int32, each candidate's :class:`Status`,
         judged on its own components only.
       best: int32 index of the chosen candidate (the best finite score; ties go to the
-        earlier row, so to fewer components). When no candidate's fit is finite (every
-        status ``NONFINITE``, every score infinite) it is 0, and :meth:`chosen` raises.
+        earlier row, so to fewer components). When no score is finite (as when every
+        status is ``NONFINITE``) it is 0, and :meth:`chosen` raises.
       best_n_components: int32, ``n_components[best]``.
       params: the chosen candidate's fitted :class:`GaussianMixtureParams`, padded to
         ``max(candidates)`` components: the components it does not have come last, with
@@ -116,7 +116,7 @@ class SelectionResult(NamedTuple):
                     "log_likelihood": float(self.log_likelihood[index]),
                     "n_parameters": int(self.n_parameters[index]),
                     "status": Status(int(self.status[index])).name,
-                    "best": index == int(self.best) and self._has_a_finite_fit(),
+                    "best": index == int(self.best) and self._has_a_finite_score(),
                 }
             )
         return rows
@@ -126,15 +126,16 @@ class SelectionResult(NamedTuple):
 
         ``params`` are trimmed to the candidate's own components and covariance shape,
         ready for ``gaussian_mixture(n_components, covariance_type)``. Needs a
-        concrete, unbatched result, and raises a ``ValueError`` when no candidate's fit
-        is finite (there is nothing to choose).
+        concrete, unbatched result, and raises a ``ValueError`` when no candidate has a
+        finite score (there is nothing to choose).
         """
         _require_unbatched(self)
-        if not self._has_a_finite_fit():
+        if not self._has_a_finite_score():
             raise ValueError(
-                "no candidate's fit is finite (every status is NONFINITE), so there is nothing "
-                "to choose: increase reg_covar (it must be > 0 for data with identical points), "
-                "try fewer components, or scale the data."
+                "no candidate has a finite score (see table(): every fit NONFINITE, or held-out "
+                "log-likelihoods of -inf), so there is nothing to choose: increase reg_covar (it "
+                "must be > 0 for data with identical points), try fewer components, or scale the "
+                "data."
             )
         n_components = int(self.best_n_components)
         covariance_type = COVARIANCE_TYPES[int(self.covariance_type[int(self.best)])]
@@ -153,7 +154,7 @@ class SelectionResult(NamedTuple):
         )
         return n_components, covariance_type, trimmed
 
-    def _has_a_finite_fit(self) -> bool:
+    def _has_a_finite_score(self) -> bool:
         # best is the best finite score; with none finite it is the first row, and its
         # score is infinite (inf for BIC and AIC, -inf held out).
         return bool(np.isfinite(np.asarray(self.score)[int(self.best)]))

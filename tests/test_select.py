@@ -313,7 +313,7 @@ def test_no_finite_candidate_leaves_nothing_to_choose(criterion):
     assert [row["status"] for row in rows] == ["NONFINITE", "NONFINITE"]
     assert not any(row["best"] for row in rows)
     assert not np.isfinite(np.asarray(result.score)).any()
-    with pytest.raises(ValueError, match="no candidate's fit is finite"):
+    with pytest.raises(ValueError, match="no candidate has a finite score"):
         result.chosen()
     # With a regulariser the same data have finite fits, and one is chosen (three
     # components on two distinct points may end EMPTY_COMPONENT, which is finite).
