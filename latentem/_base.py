@@ -645,6 +645,43 @@ def check_real(x: Any, name: str) -> Any:
     return x
 
 
+def check_not_a_key(params: Any, caller: str) -> None:
+    """Raise a ``ValueError`` when ``params`` is a PRNG key, the argument ``lem.fit``
+    takes in the same place, so that the mix-up is named rather than failing deep inside
+    the model with an ``AttributeError``."""
+    if _is_a_key(params):
+        raise ValueError(
+            f"{caller} starts from parameters, but params is a PRNG key. Pass model.init(key, x, "
+            f"weights), or call lem.fit(model, key, x), which starts from a key."
+        )
+
+
+def _is_a_key(value: Any) -> bool:
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        return False
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):  # jax.random.key
+        return True
+    return dtype == np.uint32 and np.shape(value) == (2,)  # jax.random.PRNGKey
+
+
+def check_param_fields(params: Any, fields: tuple[str, ...], model: str) -> None:
+    """Raise a ``ValueError`` unless ``params`` has every one of ``fields``: a model's
+    checks read its sizes from them (``check_param_shapes``), and a missing one would
+    fail as an ``AttributeError`` that does not say what to pass."""
+    missing = [name for name in fields if not hasattr(params, name)]
+    if not missing:
+        return
+    key = _is_a_key(params)
+    got = "a PRNG key" if key else f"a {type(params).__name__}"
+    lacking = "" if len(missing) == len(fields) else f" without {', '.join(missing)}"
+    hint = "; lem.fit(model, key, x) is the function that starts from a key" if key else ""
+    raise ValueError(
+        f"params must be parameters of {model}, with fields {', '.join(fields)}; got {got}{lacking}. "
+        f"Pass parameters of this model (from its init or a fit with it){hint}."
+    )
+
+
 def check_param_shapes(params: Any, expected: dict[str, tuple[int, ...]], model: str) -> None:
     """Raise a ``ValueError`` unless each field ``params.<name>`` has the shape
     ``expected[name]``.

@@ -33,6 +33,7 @@ from latentem._base import (
     check_latent_model,
     check_model_data,
     check_nonnegative,
+    check_not_a_key,
     check_positive_int,
     check_weights,
     check_x,
@@ -419,6 +420,7 @@ def fit_em(
       EM algorithm. JRSS B 39(1).
     """
     check_latent_model(model, "fit_em")
+    check_not_a_key(params, "fit_em")
     x, weights = _prepare(x, weights)
     check_model_data(model, x)
     max_iter = check_positive_int(max_iter, "max_iter", minimum=0)

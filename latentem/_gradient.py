@@ -26,6 +26,7 @@ from latentem._base import (
     check_latent_model,
     check_model_data,
     check_nonnegative,
+    check_not_a_key,
     check_positive_int,
     is_concrete,
     tree_all_finite,
@@ -224,6 +225,7 @@ def fit_gradient(
       BFGS method for large scale optimization. Math. Programming 45.
     """
     check_latent_model(model, "fit_gradient")
+    check_not_a_key(params, "fit_gradient")
     _require_bijection(model)
     _check_optimizer(optimizer)
     x, weights = _prepare(x, weights)

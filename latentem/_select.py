@@ -37,6 +37,7 @@ from latentem._base import (
     is_concrete,
     jit,
     large_problem,
+    tiny_problem,
 )
 from latentem._batch import check_batch, check_batch_weights, dataset_keys
 from latentem._em import (
@@ -408,6 +409,8 @@ def _check_validation(
         "reg_covar_mode",
     ),
     tune_if=lambda keys, x, *args, candidates, n_init, **kwargs: large_problem(x, n_init * len(candidates)),
+    quick_compile=True,
+    tiny_if=lambda keys, x, *args, candidates, n_init, **kwargs: tiny_problem(x, n_init * len(candidates)),
 )
 def _select_compiled(
     keys: PRNGKey,

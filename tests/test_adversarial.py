@@ -278,6 +278,60 @@ def test_parameters_of_another_model_are_refused(case, three_blobs):
     assert jax.eval_shape(functools.partial(lem.fit_em, model), own, data).params == own
 
 
+WRONG_KINDS_OF_PARAMS = {
+    "jax.random.key": lambda: jax.random.key(0),
+    "jax.random.PRNGKey": lambda: jax.random.PRNGKey(0),
+    "a tuple": lambda: (jnp.ones(3), jnp.ones((3, 2))),
+    "a dict": lambda: {"means": jnp.ones((3, 2))},
+}
+
+
+@pytest.mark.parametrize("kind", WRONG_KINDS_OF_PARAMS)
+def test_a_key_or_a_foreign_pytree_as_params_is_a_value_error(kind, three_blobs):
+    """fit_em(model, key, x), the order of lem.fit, was an AttributeError deep inside the
+    model ('DynamicJaxprTracer has no attribute means'); now every function that takes
+    parameters of a built-in model says what to pass instead."""
+    params = WRONG_KINDS_OF_PARAMS[kind]()
+    is_key = kind.startswith("jax.random")
+    x = jnp.asarray(three_blobs)
+    counts = jnp.round(jnp.abs(x))
+    for model, data in [
+        (MODEL, x),
+        (lem.kmeans(3), x),
+        (lem.ppca(1), x),
+        (lem.factor_analysis(1), x),
+        (lem.poisson_mixture(3), counts),
+        (lem.bernoulli_mixture(3), (x > 0).astype(x.dtype)),
+        (lem.categorical_mixture(3, 3), jnp.clip(counts, 0, 2)),
+        (lem.hard_em(MODEL), x),
+    ]:
+        calls = {
+            "em_step": lambda model=model, data=data: lem.em_step(model, params, data),
+            "score": lambda model=model, data=data: lem.score(model, params, data),
+            "sample": lambda model=model: model.sample(jax.random.key(1), params, 5),
+        }
+        if model.to_unconstrained is not None:
+            calls["fit_gradient"] = lambda model=model, data=data: lem.fit_gradient(
+                model, params, data, optax.adam(0.1), num_steps=2
+            )
+        calls["fit_em"] = lambda model=model, data=data: lem.fit_em(model, params, data, max_iter=2)
+        for name, call in calls.items():
+            if is_key and name in ("fit_em", "fit_gradient"):
+                message = (
+                    f"{name} starts from parameters, but params is a PRNG key.*lem.fit\\(model, key, x\\)"
+                )
+            else:
+                got = "a PRNG key" if is_key else f"a {type(params).__name__}"
+                message = f"params must be parameters of .*; got {got}.*Pass parameters of this model"
+                message += ".*lem.fit\\(model, key, x\\)" if is_key else ""
+            with pytest.raises(ValueError, match=message):
+                call()
+    # A dict that has the fields is judged on its shapes, as parameters of another model are.
+    fields = MODEL.init(jax.random.key(0), x, jnp.ones(x.shape[0], x.dtype))._asdict()
+    with pytest.raises(ValueError, match="needs"):
+        lem.score(lem.gaussian_mixture(2), type("Fields", (), fields)(), x)
+
+
 def test_bad_weights_raise(three_blobs):
     cases = [
         (np.zeros(120), "all zero"),

@@ -44,6 +44,7 @@ from latentem._base import (
     PRNGKey,
     check_choice,
     check_nonnegative,
+    check_param_fields,
     check_param_shapes,
     check_positive_int,
     float_dtype,
@@ -311,6 +312,7 @@ def bernoulli_mixture(n_components: int, smoothing: float = 1.0, init: str = "km
 @functools.lru_cache(maxsize=256)
 def _bernoulli_mixture(n_components: int, smoothing: float, init: str) -> LatentModel:
     def check_params(params: BernoulliMixtureParams) -> None:
+        check_param_fields(params, BernoulliMixtureParams._fields, f"bernoulli_mixture({n_components})")
         d = params.probabilities.shape[-1]
         expected = {"probabilities": (n_components, d), "weights": (n_components,)}
         check_param_shapes(params, expected, f"bernoulli_mixture({n_components}) with {d} features")
@@ -367,6 +369,7 @@ def _bernoulli_mixture(n_components: int, smoothing: float, init: str) -> Latent
         return smoothing * (jnp.sum(jnp.log(p) + jnp.log1p(-p)) + jnp.sum(jnp.log(params.weights)))
 
     def to_unconstrained(params: BernoulliMixtureParams) -> BernoulliMixtureUnconstrained:
+        check_params(params)
         p = params.probabilities
         return BernoulliMixtureUnconstrained(jnp.log(params.weights), jnp.log(p) - jnp.log1p(-p))
 
@@ -471,6 +474,8 @@ def _categorical_mixture(
         _check_values(x, "categorical", sizes(x.shape[1]))
 
     def check_params(params: CategoricalMixtureParams) -> None:
+        model = f"categorical_mixture({n_components}, n_categories={n_categories!r})"
+        check_param_fields(params, CategoricalMixtureParams._fields, model)
         v = params.probabilities.shape[-2] if shared else len(n_categories)
         check_param_shapes(
             params,
@@ -552,6 +557,7 @@ def _categorical_mixture(
         return smoothing * (jnp.sum(log_p) + jnp.sum(jnp.log(params.weights)))
 
     def to_unconstrained(params: CategoricalMixtureParams) -> CategoricalMixtureUnconstrained:
+        check_params(params)
         present = jnp.asarray(mask(params.probabilities.shape[1]))[None, :, :]
         log_p = jnp.where(present, _safe_log(params.probabilities), 0)
         return CategoricalMixtureUnconstrained(jnp.log(params.weights), log_p)
@@ -623,6 +629,7 @@ def poisson_mixture(n_components: int, smoothing: float = 1.0, init: str = "kmea
 @functools.lru_cache(maxsize=256)
 def _poisson_mixture(n_components: int, smoothing: float, init: str) -> LatentModel:
     def check_params(params: PoissonMixtureParams) -> None:
+        check_param_fields(params, PoissonMixtureParams._fields, f"poisson_mixture({n_components})")
         d = params.rates.shape[-1]
         expected = {"rates": (n_components, d), "weights": (n_components,)}
         check_param_shapes(params, expected, f"poisson_mixture({n_components}) with {d} features")
@@ -682,6 +689,7 @@ def _poisson_mixture(n_components: int, smoothing: float, init: str) -> LatentMo
         return smoothing * (jnp.sum(jnp.log(rates) - rates) + jnp.sum(jnp.log(params.weights)))
 
     def to_unconstrained(params: PoissonMixtureParams) -> PoissonMixtureUnconstrained:
+        check_params(params)
         return PoissonMixtureUnconstrained(jnp.log(params.weights), jnp.log(params.rates))
 
     def from_unconstrained(unconstrained: PoissonMixtureUnconstrained) -> PoissonMixtureParams:

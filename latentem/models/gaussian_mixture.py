@@ -38,6 +38,7 @@ from latentem._base import (
     PRNGKey,
     check_choice,
     check_nonnegative,
+    check_param_fields,
     check_param_shapes,
     check_positive_int,
     float_dtype,
@@ -527,6 +528,11 @@ def feature_variances(x: Array, sample_weights: Array) -> Array:
 
 def _check_params(params: GaussianMixtureParams, n_components: int, covariance_type: str) -> None:
     """A ``ValueError`` for parameters of another mixture (``check_param_shapes``)."""
+    check_param_fields(
+        params,
+        GaussianMixtureParams._fields,
+        f"gaussian_mixture({n_components}, covariance_type={covariance_type!r})",
+    )
     n_features = params.means.shape[-1]
     covariance_shape = {
         "full": (n_components, n_features, n_features),
@@ -1579,13 +1585,13 @@ def _gaussian_mixture(
     def check_data(x: Array, params: GaussianMixtureParams | None = None) -> None:
         if x.ndim != 2:
             raise ValueError(f"x must be 2-D with shape (n_samples, n_features); got shape {x.shape}.")
+        if params is not None:
+            _check_params(params, n_components, covariance_type)
         if params is not None and x.shape[1] != params.means.shape[-1]:
             raise ValueError(
                 f"x has {x.shape[1]} features but the parameters have "
                 f"{params.means.shape[-1]}; pass data with shape (n_samples, {params.means.shape[-1]})."
             )
-        if params is not None:
-            _check_params(params, n_components, covariance_type)
 
     def log_joint(params: GaussianMixtureParams, x: Array) -> Array:
         x = jnp.asarray(x)

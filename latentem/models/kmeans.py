@@ -35,6 +35,7 @@ from latentem._base import (
     LatentModel,
     PRNGKey,
     check_choice,
+    check_param_fields,
     check_param_shapes,
     check_positive_int,
     check_weights,
@@ -127,15 +128,16 @@ def _kmeans(n_clusters: int, init: str) -> LatentModel:
     def check_data(x: Array, params: KMeansParams | None = None) -> None:
         if x.ndim != 2:
             raise ValueError(f"x must be 2-D with shape (n_samples, n_features); got shape {x.shape}.")
+        if params is not None:
+            check_params(params)
         if params is not None and x.shape[1] != params.centres.shape[-1]:
             raise ValueError(
                 f"x has {x.shape[1]} features but the centres have {params.centres.shape[-1]}; "
                 f"pass data with shape (n_samples, {params.centres.shape[-1]})."
             )
-        if params is not None:
-            check_params(params)
 
     def check_params(params: KMeansParams) -> None:
+        check_param_fields(params, KMeansParams._fields, f"kmeans({n_clusters})")
         n_features = params.centres.shape[-1]
         check_param_shapes(
             params,
@@ -192,6 +194,7 @@ def _kmeans(n_clusters: int, init: str) -> LatentModel:
         return int(params.centres.shape[0] * params.centres.shape[1]) + 1
 
     def to_unconstrained(params: KMeansParams) -> KMeansUnconstrained:
+        check_params(params)
         return KMeansUnconstrained(params.centres, jnp.log(params.variance))
 
     def from_unconstrained(unconstrained: KMeansUnconstrained) -> KMeansParams:

@@ -38,7 +38,15 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from latentem._base import Array, LatentModel, PRNGKey, check_param_shapes, check_positive_int, float_dtype
+from latentem._base import (
+    Array,
+    LatentModel,
+    PRNGKey,
+    check_param_fields,
+    check_param_shapes,
+    check_positive_int,
+    float_dtype,
+)
 from latentem.models import _linalg
 from latentem.models.gaussian_mixture import _regulariser_scale
 
@@ -218,6 +226,7 @@ def _check_params(
     params: PPCAParams | FactorAnalysisParams, n_components: int, name: str, isotropic: bool
 ) -> None:
     """A ``ValueError`` for parameters of another model (``check_param_shapes``)."""
+    check_param_fields(params, PPCAParams._fields, f"{name}({n_components})")  # FA's are the same
     d = params.mean.shape[-1]
     expected = {"mean": (d,), "components": (n_components, d), "noise_variance": () if isotropic else (d,)}
     check_param_shapes(params, expected, f"{name}({n_components}) with {d} features")
@@ -303,6 +312,10 @@ def _ppca(n_components: int) -> LatentModel:
         q, d = params.components.shape
         return int(d + _n_free_loadings(q, d) + 1)
 
+    def to_unconstrained(params: PPCAParams) -> LinearGaussianUnconstrained:
+        check_params(params)
+        return _to_unconstrained(params)
+
     return LatentModel(
         init=initialize,
         log_joint=None,
@@ -310,7 +323,7 @@ def _ppca(n_components: int) -> LatentModel:
         sample=sample,
         n_parameters=n_parameters,
         posterior=posterior,
-        to_unconstrained=_to_unconstrained,
+        to_unconstrained=to_unconstrained,
         from_unconstrained=functools.partial(_from_unconstrained, PPCAParams),
     )
 
@@ -383,6 +396,10 @@ def _factor_analysis(n_components: int) -> LatentModel:
         q, d = params.components.shape
         return int(d + _n_free_loadings(q, d) + d)
 
+    def to_unconstrained(params: FactorAnalysisParams) -> LinearGaussianUnconstrained:
+        check_params(params)
+        return _to_unconstrained(params)
+
     return LatentModel(
         init=initialize,
         log_joint=None,
@@ -390,7 +407,7 @@ def _factor_analysis(n_components: int) -> LatentModel:
         sample=sample,
         n_parameters=n_parameters,
         posterior=posterior,
-        to_unconstrained=_to_unconstrained,
+        to_unconstrained=to_unconstrained,
         from_unconstrained=functools.partial(_from_unconstrained, FactorAnalysisParams),
     )
 
