@@ -211,7 +211,11 @@ def test_save_checks_description_and_params(tmp_path):
     for options in ({"n_components": 2}, {"n_components": 1, "covariance_type": "diag"}):
         with pytest.raises(ValueError, match=r"not those of the described model.*params.* has shape"):
             lem.save(tmp_path / "a.npz", {"model": "gaussian_mixture", "options": options}, params)
-    with pytest.raises(ValueError, match=r"not those of the described model.*has no attribute 'centres'"):
+    with pytest.raises(
+        ValueError,
+        match=r"not those of the described model.*parameters of kmeans\(1\), with fields centres, variance; "
+        "got a GaussianMixtureParams",
+    ):
         lem.save(tmp_path / "a.npz", {"model": "kmeans", "options": {"n_clusters": 1}}, params)
     assert not (tmp_path / "a.npz").exists()
 
