@@ -652,7 +652,7 @@ def check_not_a_key(params: Any, caller: str) -> None:
     if _is_a_key(params):
         raise ValueError(
             f"{caller} starts from parameters, but params is a PRNG key. Pass model.init(key, x, "
-            f"weights), or call lem.fit(model, key, x), which starts from a key."
+            "weights), or call lem.fit(model, key, x), which starts from a key."
         )
 
 

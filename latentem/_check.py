@@ -201,8 +201,8 @@ def _quick_jit(fun: Callable, **jit_kwargs: Any) -> Callable:
 
     A check runs each program a few times on a few hundred samples, so compiling is
     most of its cost: a check of a three-component full Gaussian mixture on Old
-    Faithful took 7.3 s with XLA's default options and 3.4 s with these (2-core CPU,
-    jax 0.10.2); a second check, which reuses the programs, 0.14 and 0.12 s. One tier
+    Faithful took 7.3 s with XLA's default options and 3.4 to 3.7 s with these (2-core
+    CPU, jax 0.10.2); a second check, which reuses the programs, 0.14 and 0.12 s. One tier
     for every program, so that results compared with each other (zero weights against
     removed rows, a fused iteration against the derived one) come from the same code
     generation.
