@@ -326,7 +326,7 @@ def test_a_key_or_a_foreign_pytree_as_params_is_a_value_error(kind, three_blobs)
                 message += ".*lem.fit\\(model, key, x\\)" if is_key else ""
             with pytest.raises(ValueError, match=message):
                 call()
-    # A dict that has the fields is judged on its shapes, as parameters of another model are.
+    # An object that has the fields is judged on its shapes, as parameters of another model are.
     fields = MODEL.init(jax.random.key(0), x, jnp.ones(x.shape[0], x.dtype))._asdict()
     with pytest.raises(ValueError, match="needs"):
         lem.score(lem.gaussian_mixture(2), type("Fields", (), fields)(), x)
